@@ -1,0 +1,15 @@
+"""Triton device code for the Selective Kernel fuse and select operations.
+
+Only ``@triton.jit`` functions live here; launch parameters, validation and autograd are in
+``sknet_triton.launch`` and ``sknet_triton.ops``.
+"""
+from .fuse import sk_fuse_bwd_kernel, sk_fuse_fwd_kernel
+from .select import sk_select_bwd_kernel, sk_select_fwd_kernel, sk_select_logits_bwd_kernel
+
+__all__ = [
+    "sk_fuse_fwd_kernel",
+    "sk_fuse_bwd_kernel",
+    "sk_select_fwd_kernel",
+    "sk_select_bwd_kernel",
+    "sk_select_logits_bwd_kernel",
+]

@@ -1,0 +1,93 @@
+"""Device helpers shared by the fuse and select kernels.
+
+Every kernel walks the same work decomposition: one program per (image b, block of BLOCK_C channels,
+chunk of the H*W positions), visiting its chunk in [BLOCK_C, BLOCK_HW] tiles. The branches of one image
+are [C, HW] (contiguous NCHW) or [HW, C] (channels_last) matrices; CHANNELS_LAST picks the strides, so
+the compiler sees which tile axis is contiguous and vectorises along it. Offsets are 64-bit: a tensor
+may hold more than 2**31 elements.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def program_tile(C, HW, chunk, num_c_blocks, num_splits, BLOCK_C: tl.constexpr):
+    """This program's image, split index, channel vector and [hw_lo, hw_hi) chunk."""
+    pid = tl.program_id(0)
+    split = pid % num_splits
+    rest = pid // num_splits
+    b = tl.cast(rest // num_c_blocks, tl.int64)
+    c = (rest % num_c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    hw_lo = split * chunk
+    hw_hi = tl.minimum(hw_lo + chunk, HW)
+    return b, split, c, c < C, hw_lo, hw_hi
+
+
+@triton.jit
+def tile_offsets(c, C, HW, CHANNELS_LAST: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Element offsets of the tile at hw = 0 within one image, and the offset step of one hw position."""
+    hw = tl.arange(0, BLOCK_HW).to(tl.int64)
+    c = c.to(tl.int64)
+    if CHANNELS_LAST:
+        offs = c[:, None] + hw[None, :] * C
+        hw_step = C
+    else:
+        offs = c[:, None] * HW + hw[None, :]
+        hw_step = 1
+    return offs, hw_step
+
+
+@triton.jit
+def tile_mask(c_mask, hw0, hw_hi, BLOCK_HW: tl.constexpr):
+    """Which elements of the tile starting at position hw0 exist."""
+    hw = hw0 + tl.arange(0, BLOCK_HW)
+    return c_mask[:, None] & (hw < hw_hi)[None, :]
+
+
+@triton.jit
+def affine_params(scale_ptr, bias_ptr, m, c, c_mask, C, AFFINE: tl.constexpr):
+    """Branch m's per-channel prologue scale and bias (float32 [BLOCK_C]; 1 and 0 without AFFINE)."""
+    if AFFINE:
+        scale = tl.load(scale_ptr + m * C + c, mask=c_mask, other=0.0)
+        bias = tl.load(bias_ptr + m * C + c, mask=c_mask, other=0.0)
+    else:
+        scale = tl.full(c.shape, 1.0, tl.float32)
+        bias = tl.zeros(c.shape, tl.float32)
+    return scale, bias
+
+
+@triton.jit
+def load_branch(ptrs, mask, scale, bias, AFFINE: tl.constexpr, RELU: tl.constexpr):
+    """P = U, scale*U + bias, and/or max(., 0) as float32, zero outside the mask."""
+    p = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    if AFFINE:
+        p = tl.where(mask, p * scale[:, None] + bias[:, None], 0.0)
+    if RELU:
+        # `p < 0` rather than maximum(): NaN stays NaN, as in torch.relu.
+        p = tl.where(p < 0.0, 0.0, p)
+    return p
+
+
+@triton.jit
+def softmax_weights(logits_ptr, b, c, c_mask, C, M: tl.constexpr):
+    """Softmax over the M branches of logits [B, M, C] (contiguous) for image b and channels c.
+
+    Returns four float32 [BLOCK_C] vectors; those of branches m >= M are zero.
+    """
+    row = logits_ptr + b * M * C + c
+    neg_inf = tl.full(c.shape, float("-inf"), tl.float32)
+    l0 = tl.load(row, mask=c_mask, other=0.0).to(tl.float32)
+    l1 = tl.load(row + C, mask=c_mask, other=0.0).to(tl.float32)
+    l2 = neg_inf
+    l3 = neg_inf
+    if M > 2:
+        l2 = tl.load(row + 2 * C, mask=c_mask, other=0.0).to(tl.float32)
+    if M > 3:
+        l3 = tl.load(row + 3 * C, mask=c_mask, other=0.0).to(tl.float32)
+    top = tl.maximum(tl.maximum(l0, l1), tl.maximum(l2, l3))
+    e0 = tl.exp(l0 - top)
+    e1 = tl.exp(l1 - top)
+    e2 = tl.exp(l2 - top)
+    e3 = tl.exp(l3 - top)
+    inv = 1.0 / (e0 + e1 + e2 + e3)
+    return e0 * inv, e1 * inv, e2 * inv, e3 * inv

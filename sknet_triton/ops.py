@@ -1,0 +1,298 @@
+"""The Selective Kernel fuse and select operations: validation, dispatch and torch.library registration.
+
+``sk_fuse`` and ``sk_select`` are the public entry points. Each checks its inputs once, then runs either
+the Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) through custom ops that
+``torch.compile`` traces without a graph break, or the plain-PyTorch reference (every other case).
+
+The custom ops take the branches as a list: M tensors [B, C, H, W], or one stacked [B, M, C, H, W]
+tensor. Gradients are structured the same way.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from sknet_triton import reference
+from sknet_triton.layout import MAX_BRANCHES, branch_views, empty_branch_grads, empty_images, kernel_layout
+
+try:
+    from sknet_triton import launch
+except ImportError:  # Triton is published for Linux only; elsewhere every device runs the reference.
+    launch = None
+
+__all__ = ["sk_fuse", "sk_select", "uses_triton", "SUPPORTED_DTYPES", "MAX_BRANCHES"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Triton decides this when the kernels are defined; read it the same way.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
+
+Branches = Union[Tensor, Sequence[Tensor]]
+
+
+def uses_triton(device: torch.device) -> bool:
+    """Whether tensors on ``device`` run the Triton kernels rather than the plain-PyTorch reference."""
+    return launch is not None and (device.type == "cuda" or (device.type == "cpu" and INTERPRET))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Validation: every check on user input is here, and runs before any kernel is launched.
+
+
+def _describe(shape) -> str:
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def _check_float(name: str, op: str, t: Tensor) -> None:
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _check_branches(op: str, branches: Branches) -> list[Tensor]:
+    """The branches as the custom ops take them: M 4-D tensors, or one 5-D stacked tensor."""
+    if isinstance(branches, Tensor):
+        if branches.dim() != 5:
+            raise ValueError(
+                f"{op}: stacked branches must be 5-D [B, M, C, H, W], got {_describe(branches.shape)}"
+            )
+        tensors, views = [branches], list(branches.unbind(1))
+    elif isinstance(branches, (list, tuple)):
+        for i, u in enumerate(branches):
+            if not isinstance(u, Tensor):
+                raise TypeError(f"{op}: branch {i} must be a Tensor, got {type(u).__name__}")
+        tensors = views = list(branches)
+    else:
+        raise TypeError(
+            f"{op}: branches must be a list or tuple of tensors or one stacked tensor, got {type(branches).__name__}"
+        )
+    if not 2 <= len(views) <= MAX_BRANCHES:
+        raise ValueError(f"{op}: needs 2 to {MAX_BRANCHES} branches, got {len(views)}")
+    first = views[0]
+    for i, u in enumerate(views):
+        if u.dim() != 4:
+            raise ValueError(f"{op}: branch {i} must be 4-D [B, C, H, W], got {_describe(u.shape)}")
+        if u.shape != first.shape:
+            raise ValueError(
+                f"{op}: branches differ in shape: {_describe(first.shape)} and {_describe(u.shape)} (branch {i})"
+            )
+        if u.dtype != first.dtype:
+            raise TypeError(f"{op}: branches differ in dtype: {first.dtype} and {u.dtype} (branch {i})")
+        if u.device != first.device:
+            raise ValueError(f"{op}: branches are on different devices: {first.device} and {u.device} (branch {i})")
+    _check_float("branches", op, first)
+    _, C, H, W = first.shape
+    if C == 0 or H == 0 or W == 0:
+        raise ValueError(f"{op}: branches need C, H, W >= 1, got {_describe(first.shape)}")
+    return tensors
+
+
+def _check_param(op: str, name: str, t: Optional[Tensor], shape, device) -> None:
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a Tensor or None, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} must be [M, C] = {_describe(shape)}, got {_describe(t.shape)}")
+    _check_float(name, op, t)
+    if t.device != device:
+        raise ValueError(f"{op}: {name} is on {t.device}, the branches on {device}")
+    if t.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            f"{op}: {name} requires grad, but the prologue's scale and bias are constants (eval-mode "
+            "BatchNorm folded into the kernels); detach them, or apply BatchNorm before the op"
+        )
+
+
+def _check_inputs(op: str, branches: Branches, logits: Optional[Tensor], scale, bias, relu) -> list[Tensor]:
+    tensors = _check_branches(op, branches)
+    views = branch_views(tensors)
+    B, C = views[0].shape[:2]
+    M, device = len(views), views[0].device
+    if logits is not None:
+        if not isinstance(logits, Tensor):
+            raise TypeError(f"{op}: logits must be a Tensor, got {type(logits).__name__}")
+        if tuple(logits.shape) != (B, M, C):
+            raise ValueError(f"{op}: logits must be [B, M, C] = {_describe((B, M, C))}, got {_describe(logits.shape)}")
+        _check_float("logits", op, logits)
+        if logits.device != device:
+            raise ValueError(f"{op}: logits are on {logits.device}, the branches on {device}")
+    _check_param(op, "scale", scale, (M, C), device)
+    _check_param(op, "bias", bias, (M, C), device)
+    if not isinstance(relu, bool):
+        raise TypeError(f"{op}: relu must be a bool, got {type(relu).__name__}")
+    return tensors
+
+
+# --------------------------------------------------------------------------------------------------------
+# Public operations.
+
+
+def sk_fuse(branches: Branches, scale: Optional[Tensor] = None, bias: Optional[Tensor] = None, relu: bool = False) -> Tensor:
+    """Fuse: the global average pool of the sum of the branches.
+
+    Args:
+        branches: M (2 to 4) tensors [B, C, H, W], or one stacked tensor [B, M, C, H, W]; float32, float16
+            or bfloat16; contiguous or channels_last (other strides are copied once).
+        scale, bias: optional [M, C] constants of a per-branch prologue ``P_m = scale[m] * U_m + bias[m]``
+            (eval-mode BatchNorm); they may not require grad.
+        relu: apply ``max(P_m, 0)`` after the prologue.
+
+    Returns:
+        ``s`` [B, C], float32: ``mean over (h, w) of sum over m of P_m``, accumulated in float32.
+    """
+    tensors = _check_inputs("sk_fuse", branches, None, scale, bias, relu)
+    if uses_triton(tensors[0].device):
+        return torch.ops.sknet_triton.sk_fuse(tensors, scale, bias, relu)
+    return reference.sk_fuse(branch_views(tensors), scale, bias, relu)
+
+
+def sk_select(
+    branches: Branches,
+    logits: Tensor,
+    scale: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    relu: bool = False,
+) -> Tensor:
+    """Select: the branches weighted by a softmax over the branch axis.
+
+    Args:
+        branches: as for :func:`sk_fuse`.
+        logits: [B, M, C] attention logits, path-major (timm's ``fc_select`` output viewed [B, M, C]);
+            float32, float16 or bfloat16.
+        scale, bias, relu: the prologue of :func:`sk_fuse`.
+
+    Returns:
+        [B, C, H, W] in the branches' dtype and memory format:
+        ``sum over m of softmax(logits, dim=1)[:, m, :, None, None] * P_m``, computed in float32.
+    """
+    tensors = _check_inputs("sk_select", branches, logits, scale, bias, relu)
+    if uses_triton(tensors[0].device):
+        return torch.ops.sknet_triton.sk_select(tensors, logits, scale, bias, relu)
+    return reference.sk_select(branch_views(tensors), logits, scale, bias, relu)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Custom ops around the launchers, their shapes for tracing, and their autograd.
+
+
+def _launcher():
+    if launch is None:
+        raise RuntimeError("sknet_triton: the Triton kernels need the triton package, which is not installed")
+    return launch
+
+
+def _require_kernels(t: Tensor) -> None:
+    if not uses_triton(t.device):
+        raise RuntimeError(
+            f"sknet_triton: the Triton kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1; "
+            f"got a tensor on {t.device}"
+        )
+
+
+@torch.library.custom_op("sknet_triton::sk_fuse", mutates_args=())
+def _sk_fuse_op(branches: list[Tensor], scale: Optional[Tensor], bias: Optional[Tensor], relu: bool) -> Tensor:
+    _require_kernels(branches[0])
+    return _launcher().fuse_forward(branches, scale, bias, relu)
+
+
+@_sk_fuse_op.register_fake
+def _(branches, scale, bias, relu):
+    u = branch_views(branches)[0]
+    return u.new_empty((u.shape[0], u.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("sknet_triton::sk_fuse_relu_backward", mutates_args=())
+def _sk_fuse_relu_backward_op(
+    grad_s: Tensor, branches: list[Tensor], scale: Optional[Tensor], bias: Optional[Tensor]
+) -> list[Tensor]:
+    _require_kernels(branches[0])
+    return _launcher().fuse_relu_backward(grad_s, branches, scale, bias)
+
+
+@_sk_fuse_relu_backward_op.register_fake
+def _(grad_s, branches, scale, bias):
+    return empty_branch_grads(branches, kernel_layout(branches))
+
+
+def _fuse_setup_context(ctx, inputs, output):
+    branches, scale, bias, relu = inputs
+    ctx.relu = relu
+    ctx.shape = branches[0].shape
+    ctx.num_inputs = len(branches)
+    ctx.dtype = branches[0].dtype
+    # Without ReLU the gradient does not depend on the branches: keep none of them alive.
+    ctx.save_for_backward(*(branches if relu else ()), scale, bias)
+
+
+def _fuse_backward(ctx, grad_s):
+    *branches, scale, bias = ctx.saved_tensors
+    if ctx.relu:
+        grads = torch.ops.sknet_triton.sk_fuse_relu_backward(grad_s, branches, scale, bias)
+    else:
+        grads = _broadcast_fuse_grad(grad_s, scale, ctx)
+    return grads, None, None, None
+
+
+def _broadcast_fuse_grad(grad_s: Tensor, scale: Optional[Tensor], ctx) -> list[Tensor]:
+    """dU_m = ds * scale[m] / HW, the same at every position: expanded views, no memory traffic."""
+    stacked = ctx.num_inputs == 1
+    B, *_, C, H, W = ctx.shape
+    grad = (grad_s.float() / (H * W))[:, None, :]  # [B, 1, C]
+    if scale is not None:
+        grad = grad * scale.float()[None]  # [B, M, C]
+    grad = grad.to(ctx.dtype)[..., None, None]
+    if stacked:
+        return [grad.expand(ctx.shape)]
+    M = ctx.num_inputs
+    return [grad[:, m if scale is not None else 0].expand(B, C, H, W) for m in range(M)]
+
+
+_sk_fuse_op.register_autograd(_fuse_backward, setup_context=_fuse_setup_context)
+
+
+@torch.library.custom_op("sknet_triton::sk_select", mutates_args=())
+def _sk_select_op(
+    branches: list[Tensor], logits: Tensor, scale: Optional[Tensor], bias: Optional[Tensor], relu: bool
+) -> Tensor:
+    _require_kernels(branches[0])
+    return _launcher().select_forward(branches, logits, scale, bias, relu)
+
+
+@_sk_select_op.register_fake
+def _(branches, logits, scale, bias, relu):
+    return empty_images(branch_views(branches)[0], kernel_layout(branches))
+
+
+@torch.library.custom_op("sknet_triton::sk_select_backward", mutates_args=())
+def _sk_select_backward_op(
+    grad_out: Tensor,
+    branches: list[Tensor],
+    logits: Tensor,
+    scale: Optional[Tensor],
+    bias: Optional[Tensor],
+    relu: bool,
+) -> list[Tensor]:
+    _require_kernels(branches[0])
+    return _launcher().select_backward(grad_out, branches, logits, scale, bias, relu)
+
+
+@_sk_select_backward_op.register_fake
+def _(grad_out, branches, logits, scale, bias, relu):
+    return empty_branch_grads(branches, kernel_layout(branches)) + [torch.empty_like(logits, memory_format=torch.contiguous_format)]
+
+
+def _select_setup_context(ctx, inputs, output):
+    branches, logits, scale, bias, relu = inputs
+    ctx.relu = relu
+    ctx.save_for_backward(*branches, logits, scale, bias)
+
+
+def _select_backward(ctx, grad_out):
+    *branches, logits, scale, bias = ctx.saved_tensors
+    grads = torch.ops.sknet_triton.sk_select_backward(grad_out, branches, logits, scale, bias, ctx.relu)
+    return grads[:-1], grads[-1], None, None, None
+
+
+_sk_select_op.register_autograd(_select_backward, setup_context=_select_setup_context)
