@@ -14,7 +14,9 @@ from torch import Tensor, nn
 
 from sknet_triton import ops, reference
 
-__all__ = ["SKConv", "SKAttention", "SKBranch", "make_divisible", "paper_attn_width", "timm_attn_width", "BACKENDS"]
+__all__ = [
+    "SKConv", "SKAttention", "SKBranch", "set_backend", "make_divisible", "paper_attn_width", "timm_attn_width", "BACKENDS",
+]
 
 # "auto": the Triton kernels where ops.uses_triton() says so, the plain-PyTorch reference elsewhere.
 # "torch": plain PyTorch operations only (TorchScript tracing, ONNX export, any device).
@@ -231,3 +233,18 @@ class SKConv(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, out_channels={self.out_channels}, M={self.num_paths}, backend={self.backend!r}"
+
+
+def set_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Choose how every SKConv in ``model`` runs; returns ``model``.
+
+    ``"auto"`` (the default) runs the Triton kernels for CUDA tensors (and for CPU tensors under
+    ``TRITON_INTERPRET=1``) and the plain-PyTorch reference elsewhere. ``"torch"`` runs plain PyTorch
+    operations only, with the same outputs: for ``torch.jit.trace``, ONNX export, or any device.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"set_backend: backend must be one of {BACKENDS}, got {backend!r}")
+    for module in model.modules():
+        if isinstance(module, SKConv):
+            module.backend = backend
+    return model
