@@ -19,21 +19,27 @@ def sk_fuse_fwd_kernel(
     u0_ptr, u1_ptr, u2_ptr, u3_ptr,  # branches [B, C, H, W]; u2/u3 are read only when M > 2/3
     scale_ptr, bias_ptr,  # float32 [M, C], read when AFFINE
     partial_ptr,  # float32 [B, num_splits, C] out: this chunk's share of s
-    C, HW, stride_u, chunk, num_c_blocks, num_splits, inv_hw,
+    C, HW, stride_u, chunk, inv_hw,
     M: tl.constexpr, AFFINE: tl.constexpr, RELU: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    b, split, c, c_mask, hw_lo, hw_hi = program_tile(C, HW, chunk, num_c_blocks, num_splits, BLOCK_C)
+    b, split, c, c_mask, hw_lo, hw_hi = program_tile(C, HW, chunk, BLOCK_C)
     offs, hw_step = tile_offsets(c, C, HW, CHANNELS_LAST, BLOCK_HW)
     scale0, bias0 = affine_params(scale_ptr, bias_ptr, 0, c, c_mask, C, AFFINE)
     scale1, bias1 = affine_params(scale_ptr, bias_ptr, 1, c, c_mask, C, AFFINE)
     scale2, bias2 = affine_params(scale_ptr, bias_ptr, 2 % M, c, c_mask, C, AFFINE)
     scale3, bias3 = affine_params(scale_ptr, bias_ptr, 3 % M, c, c_mask, C, AFFINE)
 
+    image = b * stride_u
+    u0_ptr += image
+    u1_ptr += image
+    u2_ptr += image
+    u3_ptr += image
+
     acc = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
     for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
         mask = tile_mask(c_mask, hw0, hw_hi, BLOCK_HW)
-        at = b * stride_u + tl.cast(hw0, tl.int64) * hw_step + offs
+        at = hw0 * hw_step + offs
         acc += load_branch(u0_ptr + at, mask, scale0, bias0, AFFINE, RELU)
         acc += load_branch(u1_ptr + at, mask, scale1, bias1, AFFINE, RELU)
         if M > 2:
@@ -42,7 +48,7 @@ def sk_fuse_fwd_kernel(
             acc += load_branch(u3_ptr + at, mask, scale3, bias3, AFFINE, RELU)
 
     s = tl.sum(acc, axis=1) * inv_hw
-    tl.store(partial_ptr + (b * num_splits + split) * C + c, s, mask=c_mask)
+    tl.store(partial_ptr + (b * tl.num_programs(2) + split) * C + c, s, mask=c_mask)
 
 
 @triton.jit
@@ -58,11 +64,11 @@ def sk_fuse_bwd_kernel(
     u0_ptr, u1_ptr, u2_ptr, u3_ptr,  # branches, as in the forward
     scale_ptr, bias_ptr,
     du0_ptr, du1_ptr, du2_ptr, du3_ptr,  # out: branch gradients, each with batch stride stride_du
-    C, HW, stride_u, stride_du, chunk, num_c_blocks, num_splits, inv_hw,
+    C, HW, stride_u, stride_du, chunk, inv_hw,
     M: tl.constexpr, AFFINE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    b, split, c, c_mask, hw_lo, hw_hi = program_tile(C, HW, chunk, num_c_blocks, num_splits, BLOCK_C)
+    b, split, c, c_mask, hw_lo, hw_hi = program_tile(C, HW, chunk, BLOCK_C)
     offs, hw_step = tile_offsets(c, C, HW, CHANNELS_LAST, BLOCK_HW)
     grad = tl.load(ds_ptr + b * C + c, mask=c_mask, other=0.0) * inv_hw
     scale0, bias0 = affine_params(scale_ptr, bias_ptr, 0, c, c_mask, C, AFFINE)
@@ -70,14 +76,22 @@ def sk_fuse_bwd_kernel(
     scale2, bias2 = affine_params(scale_ptr, bias_ptr, 2 % M, c, c_mask, C, AFFINE)
     scale3, bias3 = affine_params(scale_ptr, bias_ptr, 3 % M, c, c_mask, C, AFFINE)
 
+    image, grad_image = b * stride_u, b * stride_du
+    u0_ptr += image
+    u1_ptr += image
+    u2_ptr += image
+    u3_ptr += image
+    du0_ptr += grad_image
+    du1_ptr += grad_image
+    du2_ptr += grad_image
+    du3_ptr += grad_image
+
     for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
         mask = tile_mask(c_mask, hw0, hw_hi, BLOCK_HW)
-        shift = tl.cast(hw0, tl.int64) * hw_step + offs
-        at_u = b * stride_u + shift
-        at_du = b * stride_du + shift
-        _relu_grad(du0_ptr + at_du, u0_ptr + at_u, mask, grad * scale0, scale0, bias0, AFFINE)
-        _relu_grad(du1_ptr + at_du, u1_ptr + at_u, mask, grad * scale1, scale1, bias1, AFFINE)
+        at = hw0 * hw_step + offs
+        _relu_grad(du0_ptr + at, u0_ptr + at, mask, grad * scale0, scale0, bias0, AFFINE)
+        _relu_grad(du1_ptr + at, u1_ptr + at, mask, grad * scale1, scale1, bias1, AFFINE)
         if M > 2:
-            _relu_grad(du2_ptr + at_du, u2_ptr + at_u, mask, grad * scale2, scale2, bias2, AFFINE)
+            _relu_grad(du2_ptr + at, u2_ptr + at, mask, grad * scale2, scale2, bias2, AFFINE)
         if M > 3:
-            _relu_grad(du3_ptr + at_du, u3_ptr + at_u, mask, grad * scale3, scale3, bias3, AFFINE)
+            _relu_grad(du3_ptr + at, u3_ptr + at, mask, grad * scale3, scale3, bias3, AFFINE)

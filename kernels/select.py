@@ -14,35 +14,56 @@ from .tile import affine_params, load_branch, program_tile, softmax_weights, til
 
 
 @triton.jit
+def _weighted_branch(ptrs, mask, weight, offset, AFFINE: tl.constexpr, RELU: tl.constexpr):
+    """One branch's share of the output, relu?(weight * U + offset); weight and offset carry the softmax weight."""
+    p = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) * weight[:, None]
+    if AFFINE:
+        p += offset[:, None]
+    if RELU:
+        p = tl.where(p < 0.0, 0.0, p)
+    return p
+
+
+@triton.jit
 def sk_select_fwd_kernel(
     u0_ptr, u1_ptr, u2_ptr, u3_ptr,  # branches [B, C, H, W]; u2/u3 are read only when M > 2/3
     logits_ptr,  # [B, M, C], contiguous
     scale_ptr, bias_ptr,  # float32 [M, C], read when AFFINE
     out_ptr,  # [B, C, H, W] out, dense in the branches' layout
-    C, HW, stride_u, stride_out, chunk, num_c_blocks, num_splits,
+    C, HW, stride_u, stride_out, chunk,
     M: tl.constexpr, AFFINE: tl.constexpr, RELU: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    b, split, c, c_mask, hw_lo, hw_hi = program_tile(C, HW, chunk, num_c_blocks, num_splits, BLOCK_C)
+    b, split, c, c_mask, hw_lo, hw_hi = program_tile(C, HW, chunk, BLOCK_C)
     offs, hw_step = tile_offsets(c, C, HW, CHANNELS_LAST, BLOCK_HW)
     a0, a1, a2, a3 = softmax_weights(logits_ptr, b, c, c_mask, C, M)
+    # a * relu(scale * U + bias) = relu(a * scale * U + a * bias) as a >= 0: the softmax weight joins the
+    # prologue, and each branch keeps two per-channel vectors instead of three.
     scale0, bias0 = affine_params(scale_ptr, bias_ptr, 0, c, c_mask, C, AFFINE)
     scale1, bias1 = affine_params(scale_ptr, bias_ptr, 1, c, c_mask, C, AFFINE)
     scale2, bias2 = affine_params(scale_ptr, bias_ptr, 2 % M, c, c_mask, C, AFFINE)
     scale3, bias3 = affine_params(scale_ptr, bias_ptr, 3 % M, c, c_mask, C, AFFINE)
+    scale0, bias0 = a0 * scale0, a0 * bias0
+    scale1, bias1 = a1 * scale1, a1 * bias1
+    scale2, bias2 = a2 * scale2, a2 * bias2
+    scale3, bias3 = a3 * scale3, a3 * bias3
+    image = b * stride_u
+    u0_ptr += image
+    u1_ptr += image
+    u2_ptr += image
+    u3_ptr += image
+    out_ptr += b * stride_out
 
     for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
         mask = tile_mask(c_mask, hw0, hw_hi, BLOCK_HW)
-        shift = tl.cast(hw0, tl.int64) * hw_step + offs
-        at = b * stride_u + shift
-        v = a0[:, None] * load_branch(u0_ptr + at, mask, scale0, bias0, AFFINE, RELU)
-        v += a1[:, None] * load_branch(u1_ptr + at, mask, scale1, bias1, AFFINE, RELU)
+        at = hw0 * hw_step + offs
+        v = _weighted_branch(u0_ptr + at, mask, scale0, bias0, AFFINE, RELU)
+        v += _weighted_branch(u1_ptr + at, mask, scale1, bias1, AFFINE, RELU)
         if M > 2:
-            v += a2[:, None] * load_branch(u2_ptr + at, mask, scale2, bias2, AFFINE, RELU)
+            v += _weighted_branch(u2_ptr + at, mask, scale2, bias2, AFFINE, RELU)
         if M > 3:
-            v += a3[:, None] * load_branch(u3_ptr + at, mask, scale3, bias3, AFFINE, RELU)
-        out_ptrs = out_ptr + b * stride_out + shift
-        tl.store(out_ptrs, v.to(out_ptr.dtype.element_ty), mask=mask)
+            v += _weighted_branch(u3_ptr + at, mask, scale3, bias3, AFFINE, RELU)
+        tl.store(out_ptr + at, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -63,11 +84,11 @@ def sk_select_bwd_kernel(
     logits_ptr, scale_ptr, bias_ptr,
     du0_ptr, du1_ptr, du2_ptr, du3_ptr,  # out: branch gradients
     g_partial_ptr,  # float32 [B, num_splits, M, C] out: this chunk's share of g
-    C, HW, stride_dv, stride_u, stride_du, chunk, num_c_blocks, num_splits,
+    C, HW, stride_dv, stride_u, stride_du, chunk,
     M: tl.constexpr, AFFINE: tl.constexpr, RELU: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    b, split, c, c_mask, hw_lo, hw_hi = program_tile(C, HW, chunk, num_c_blocks, num_splits, BLOCK_C)
+    b, split, c, c_mask, hw_lo, hw_hi = program_tile(C, HW, chunk, BLOCK_C)
     offs, hw_step = tile_offsets(c, C, HW, CHANNELS_LAST, BLOCK_HW)
     a0, a1, a2, a3 = softmax_weights(logits_ptr, b, c, c_mask, C, M)
     scale0, bias0 = affine_params(scale_ptr, bias_ptr, 0, c, c_mask, C, AFFINE)
@@ -79,20 +100,29 @@ def sk_select_bwd_kernel(
     g1 = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
     g2 = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
     g3 = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
+    image, grad_image = b * stride_u, b * stride_du
+    u0_ptr += image
+    u1_ptr += image
+    u2_ptr += image
+    u3_ptr += image
+    du0_ptr += grad_image
+    du1_ptr += grad_image
+    du2_ptr += grad_image
+    du3_ptr += grad_image
+    dv_ptr += b * stride_dv
+
     for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
         mask = tile_mask(c_mask, hw0, hw_hi, BLOCK_HW)
-        shift = tl.cast(hw0, tl.int64) * hw_step + offs
-        at_u = b * stride_u + shift
-        at_du = b * stride_du + shift
-        dv = tl.load(dv_ptr + b * stride_dv + shift, mask=mask, other=0.0).to(tl.float32)
-        g0 += _branch_grad(du0_ptr + at_du, u0_ptr + at_u, dv, mask, a0, scale0, bias0, AFFINE, RELU)
-        g1 += _branch_grad(du1_ptr + at_du, u1_ptr + at_u, dv, mask, a1, scale1, bias1, AFFINE, RELU)
+        at = hw0 * hw_step + offs
+        dv = tl.load(dv_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        g0 += _branch_grad(du0_ptr + at, u0_ptr + at, dv, mask, a0, scale0, bias0, AFFINE, RELU)
+        g1 += _branch_grad(du1_ptr + at, u1_ptr + at, dv, mask, a1, scale1, bias1, AFFINE, RELU)
         if M > 2:
-            g2 += _branch_grad(du2_ptr + at_du, u2_ptr + at_u, dv, mask, a2, scale2, bias2, AFFINE, RELU)
+            g2 += _branch_grad(du2_ptr + at, u2_ptr + at, dv, mask, a2, scale2, bias2, AFFINE, RELU)
         if M > 3:
-            g3 += _branch_grad(du3_ptr + at_du, u3_ptr + at_u, dv, mask, a3, scale3, bias3, AFFINE, RELU)
+            g3 += _branch_grad(du3_ptr + at, u3_ptr + at, dv, mask, a3, scale3, bias3, AFFINE, RELU)
 
-    g_ptrs = g_partial_ptr + ((b * num_splits + split) * M) * C + c
+    g_ptrs = g_partial_ptr + ((b * tl.num_programs(2) + split) * M) * C + c
     tl.store(g_ptrs, tl.sum(g0, axis=1), mask=c_mask)
     tl.store(g_ptrs + C, tl.sum(g1, axis=1), mask=c_mask)
     if M > 2:
@@ -106,12 +136,11 @@ def sk_select_logits_bwd_kernel(
     g_partial_ptr,  # float32 [B, num_splits, M, C]
     logits_ptr,  # [B, M, C], contiguous
     dlogits_ptr,  # [B, M, C] out, contiguous, in the logits' dtype
-    C, num_c_blocks, num_splits,
+    C, num_splits,
     M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = tl.cast(pid // num_c_blocks, tl.int64)
-    c = (pid % num_c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    b = tl.cast(tl.program_id(0), tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c < C
     a0, a1, a2, a3 = softmax_weights(logits_ptr, b, c, c_mask, C, M)
 

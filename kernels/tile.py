@@ -3,21 +3,23 @@
 Every kernel walks the same work decomposition: one program per (image b, block of BLOCK_C channels,
 chunk of the H*W positions), visiting its chunk in [BLOCK_C, BLOCK_HW] tiles. The branches of one image
 are [C, HW] (contiguous NCHW) or [HW, C] (channels_last) matrices; CHANNELS_LAST picks the strides, so
-the compiler sees which tile axis is contiguous and vectorises along it. Offsets are 64-bit: a tensor
-may hold more than 2**31 elements.
+the compiler sees which tile axis is contiguous and vectorises along it. An image holds fewer than
+2**31 elements (the launchers check), so offsets within one are 32-bit, which keeps the loop-invariant
+offset tile in half the registers; the image's base offset, b * batch stride, is 64-bit.
 """
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def program_tile(C, HW, chunk, num_c_blocks, num_splits, BLOCK_C: tl.constexpr):
-    """This program's image, split index, channel vector and [hw_lo, hw_hi) chunk."""
-    pid = tl.program_id(0)
-    split = pid % num_splits
-    rest = pid // num_splits
-    b = tl.cast(rest // num_c_blocks, tl.int64)
-    c = (rest % num_c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+def program_tile(C, HW, chunk, BLOCK_C: tl.constexpr):
+    """This program's image, split index, channel vector and [hw_lo, hw_hi) chunk.
+
+    The grid is (B, channel blocks, splits of H*W).
+    """
+    b = tl.cast(tl.program_id(0), tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    split = tl.program_id(2)
     hw_lo = split * chunk
     hw_hi = tl.minimum(hw_lo + chunk, HW)
     return b, split, c, c < C, hw_lo, hw_hi
@@ -26,8 +28,7 @@ def program_tile(C, HW, chunk, num_c_blocks, num_splits, BLOCK_C: tl.constexpr):
 @triton.jit
 def tile_offsets(c, C, HW, CHANNELS_LAST: tl.constexpr, BLOCK_HW: tl.constexpr):
     """Element offsets of the tile at hw = 0 within one image, and the offset step of one hw position."""
-    hw = tl.arange(0, BLOCK_HW).to(tl.int64)
-    c = c.to(tl.int64)
+    hw = tl.arange(0, BLOCK_HW)
     if CHANNELS_LAST:
         offs = c[:, None] + hw[None, :] * C
         hw_step = C

@@ -21,10 +21,10 @@ from torch import Tensor
 from sknet_triton import kernels
 from sknet_triton.layout import MAX_BRANCHES, branch_views, empty_branch_grads, empty_images, kernel_views
 
-# Elements of one [BLOCK_C, BLOCK_HW] tile per streamed tensor. The backward holds M float32
-# accumulators next to M + 1 loaded tiles, hence its smaller tile.
-FORWARD_TILE = 4096
-BACKWARD_TILE = 2048
+# Bytes of each streamed tensor in one [BLOCK_C, BLOCK_HW] tile. The select backward holds M float32
+# accumulators beside M + 1 loaded tiles, hence its smaller tiles, smaller still for more branches.
+FORWARD_TILE_BYTES = 8192
+BACKWARD_TILE_BYTES = {2: 4096, 3: 2048, 4: 2048}
 NUM_WARPS = 8
 # channels_last tiles are BLOCK_C wide along the contiguous channels; NCHW tiles are BLOCK_HW long
 # along the contiguous positions, the longest that pads H*W by at most 1/16 (else the least padding).
@@ -40,13 +40,18 @@ CPU_MIN_PROGRAMS = 4
 
 @dataclass(frozen=True)
 class Plan:
-    """One launch's decomposition: programs = B * num_c_blocks * num_splits."""
+    """One launch's decomposition: a (B, num_c_blocks, num_splits) grid of programs."""
 
     block_c: int
     block_hw: int
     num_c_blocks: int
     num_splits: int
     chunk: int  # positions per split, a multiple of block_hw
+
+
+def tile_elements(dtype: torch.dtype, M: int, select_backward: bool = False) -> int:
+    """Elements per tile for branches of ``dtype``."""
+    return (BACKWARD_TILE_BYTES[M] if select_backward else FORWARD_TILE_BYTES) // dtype.itemsize
 
 
 def tile_shape(channels_last: bool, C: int, HW: int, tile: int) -> tuple[int, int]:
@@ -110,12 +115,12 @@ def fuse_forward(branches: Sequence[Tensor], scale: Optional[Tensor], bias: Opti
     if B == 0:
         return torch.empty(0, C, dtype=torch.float32, device=device)
     affine, scale, bias = _prologue(scale, bias, M, C, device)
-    p = plan(B, C, HW, channels_last, FORWARD_TILE, device)
+    p = plan(B, C, HW, channels_last, tile_elements(views[0].dtype, M), device)
     partial = torch.empty(B, p.num_splits, C, dtype=torch.float32, device=device)
-    grid = (B * p.num_c_blocks * p.num_splits,)
+    grid = (B, p.num_c_blocks, p.num_splits)
     kernels.sk_fuse_fwd_kernel[grid](
         *_padded(views), scale, bias, partial,
-        C, HW, stride_u, p.chunk, p.num_c_blocks, p.num_splits, 1.0 / HW,
+        C, HW, stride_u, p.chunk, 1.0 / HW,
         M=M, AFFINE=affine, RELU=relu, CHANNELS_LAST=channels_last,
         BLOCK_C=p.block_c, BLOCK_HW=p.block_hw, num_warps=NUM_WARPS,
     )
@@ -134,11 +139,11 @@ def fuse_relu_backward(
         return grads
     grad_views = _padded(branch_views(grads))
     affine, scale, bias = _prologue(scale, bias, M, C, device)
-    p = plan(B, C, HW, channels_last, FORWARD_TILE, device)
-    grid = (B * p.num_c_blocks * p.num_splits,)
+    p = plan(B, C, HW, channels_last, tile_elements(views[0].dtype, M), device)
+    grid = (B, p.num_c_blocks, p.num_splits)
     kernels.sk_fuse_bwd_kernel[grid](
         grad_s.float().contiguous(), *_padded(views), scale, bias, *grad_views,
-        C, HW, stride_u, grad_views[0].stride(0), p.chunk, p.num_c_blocks, p.num_splits, 1.0 / HW,
+        C, HW, stride_u, grad_views[0].stride(0), p.chunk, 1.0 / HW,
         M=M, AFFINE=affine, CHANNELS_LAST=channels_last,
         BLOCK_C=p.block_c, BLOCK_HW=p.block_hw, num_warps=NUM_WARPS,
     )
@@ -156,11 +161,11 @@ def select_forward(
     if B == 0:
         return out
     affine, scale, bias = _prologue(scale, bias, M, C, device)
-    p = plan(B, C, HW, channels_last, FORWARD_TILE, device)
-    grid = (B * p.num_c_blocks * p.num_splits,)
+    p = plan(B, C, HW, channels_last, tile_elements(views[0].dtype, M), device)
+    grid = (B, p.num_c_blocks, p.num_splits)
     kernels.sk_select_fwd_kernel[grid](
         *_padded(views), logits.contiguous(), scale, bias, out,
-        C, HW, stride_u, out.stride(0), p.chunk, p.num_c_blocks, p.num_splits,
+        C, HW, stride_u, out.stride(0), p.chunk,
         M=M, AFFINE=affine, RELU=relu, CHANNELS_LAST=channels_last,
         BLOCK_C=p.block_c, BLOCK_HW=p.block_hw, num_warps=NUM_WARPS,
     )
@@ -188,18 +193,18 @@ def select_backward(
     logits = logits.contiguous()
     grad_views = _padded(branch_views(grads))
     affine, scale, bias = _prologue(scale, bias, M, C, device)
-    p = plan(B, C, HW, channels_last, BACKWARD_TILE, device)
+    p = plan(B, C, HW, channels_last, tile_elements(views[0].dtype, M, select_backward=True), device)
     g_partial = torch.empty(B, p.num_splits, M, C, dtype=torch.float32, device=device)
-    grid = (B * p.num_c_blocks * p.num_splits,)
+    grid = (B, p.num_c_blocks, p.num_splits)
     kernels.sk_select_bwd_kernel[grid](
         grad_out, *_padded(views), logits, scale, bias, *grad_views, g_partial,
-        C, HW, grad_out.stride(0), stride_u, grad_views[0].stride(0), p.chunk, p.num_c_blocks, p.num_splits,
+        C, HW, grad_out.stride(0), stride_u, grad_views[0].stride(0), p.chunk,
         M=M, AFFINE=affine, RELU=relu, CHANNELS_LAST=channels_last,
         BLOCK_C=p.block_c, BLOCK_HW=p.block_hw, num_warps=NUM_WARPS,
     )
     num_c_blocks = math.ceil(C / LOGITS_BLOCK_C)
-    kernels.sk_select_logits_bwd_kernel[(B * num_c_blocks,)](
-        g_partial, logits, dlogits, C, num_c_blocks, p.num_splits,
+    kernels.sk_select_logits_bwd_kernel[(B, num_c_blocks)](
+        g_partial, logits, dlogits, C, p.num_splits,
         M=M, BLOCK_C=LOGITS_BLOCK_C, num_warps=LOGITS_NUM_WARPS,
     )
     return grads + [dlogits]
@@ -231,10 +236,10 @@ def specializations(dtypes=(torch.float32, torch.float16, torch.bfloat16)) -> It
     flags = (False, True)
     for dtype, M in itertools.product(dtypes, branch_counts):
         for kernel, tile, with_relu_flag in (
-            (kernels.sk_fuse_fwd_kernel, FORWARD_TILE, True),
-            (kernels.sk_select_fwd_kernel, FORWARD_TILE, True),
-            (kernels.sk_select_bwd_kernel, BACKWARD_TILE, True),
-            (kernels.sk_fuse_bwd_kernel, FORWARD_TILE, False),
+            (kernels.sk_fuse_fwd_kernel, tile_elements(dtype, M), True),
+            (kernels.sk_select_fwd_kernel, tile_elements(dtype, M), True),
+            (kernels.sk_select_bwd_kernel, tile_elements(dtype, M, select_backward=True), True),
+            (kernels.sk_fuse_bwd_kernel, tile_elements(dtype, M), False),
         ):
             for (channels_last, block_c, block_hw), affine in itertools.product(_tile_shapes(tile), flags):
                 for relu in flags if with_relu_flag else (None,):

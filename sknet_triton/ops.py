@@ -26,6 +26,7 @@ except ImportError:  # Triton is published for Linux only; elsewhere every devic
 __all__ = ["sk_fuse", "sk_select", "uses_triton", "SUPPORTED_DTYPES", "MAX_BRANCHES"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_IMAGE_ELEMENTS = 2**31
 # Triton decides this when the kernels are defined; read it the same way.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
 
@@ -85,6 +86,9 @@ def _check_branches(op: str, branches: Branches) -> list[Tensor]:
     _, C, H, W = first.shape
     if C == 0 or H == 0 or W == 0:
         raise ValueError(f"{op}: branches need C, H, W >= 1, got {_describe(first.shape)}")
+    if C * H * W >= MAX_IMAGE_ELEMENTS:
+        # The batch may be any size; offsets within one image are 32-bit in the kernels.
+        raise ValueError(f"{op}: one image of a branch (C*H*W = {C * H * W}) must hold fewer than 2**31 elements")
     return tensors
 
 

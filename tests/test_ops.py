@@ -1,0 +1,195 @@
+"""sk_fuse and sk_select through the Triton kernels, against the float64 reference.
+
+Without CUDA the kernels run on the CPU through Triton's interpreter (see conftest.py), so the grids
+stay small. Every test poisons fresh allocations with NaN before the kernels run.
+"""
+import pytest
+import torch
+
+from sknet_triton import launch, layout, ops, reference
+from tests.helpers import DEVICE, requires_kernels
+from tests.ops_inputs import (
+    PROLOGUES,
+    as_float64,
+    assert_close,
+    make_branches,
+    make_logits,
+    make_prologue,
+    oracle,
+    poisoned_allocations,
+)
+
+pytestmark = requires_kernels
+
+SHAPES = [
+    (2, 24, 9, 11),  # odd sizes
+    (1, 3, 1, 1),  # 1x1
+    (3, 130, 5, 7),  # channels past one channels_last block
+    (2, 16, 17, 19),  # several tiles per chunk
+    (1, 1, 4, 4),  # one channel
+]
+
+
+def run_and_check(branches, logits, scale, bias, relu, dtype, monkeypatch):
+    """Forward and backward of both ops against the oracle; returns the select output."""
+    s_expected, out_expected, leaves64 = oracle(branches, logits, scale, bias, relu)
+    inputs = (branches if isinstance(branches, list) else [branches]) + [logits]
+    grad_s = torch.randn_like(s_expected, dtype=torch.float32, device=DEVICE)
+    grad_out = torch.randn(out_expected.shape, device=DEVICE).to(dtype)
+
+    with poisoned_allocations(monkeypatch):
+        s = ops.sk_fuse(branches, scale, bias, relu)
+        out = ops.sk_select(branches, logits, scale, bias, relu)
+        grads = torch.autograd.grad([s, out], inputs, [grad_s, grad_out])
+
+    assert s.dtype == torch.float32 and out.dtype == dtype
+    assert_close(s, s_expected, dtype, "sk_fuse")
+    assert_close(out, out_expected, dtype, "sk_select")
+    expected_grads = torch.autograd.grad(
+        [s_expected, out_expected], leaves64, [as_float64(grad_s), as_float64(grad_out)]
+    )
+    for i, (grad, expected) in enumerate(zip(grads, expected_grads)):
+        assert grad.dtype == inputs[i].dtype
+        assert_close(grad, expected, inputs[i].dtype, f"gradient of input {i}")
+    return out
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("M", [2, 3, 4])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_reference(shape, M, channels_last, monkeypatch):
+    branches = make_branches(shape, M, torch.float32, channels_last, stacked=False)
+    out = run_and_check(branches, make_logits(shape[0], M, shape[1]), None, None, False, torch.float32, monkeypatch)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("M", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision(dtype, M, channels_last, monkeypatch):
+    shape = (2, 40, 6, 7)
+    branches = make_branches(shape, M, dtype, channels_last, stacked=False)
+    logits = make_logits(shape[0], M, shape[1], dtype)
+    run_and_check(branches, logits, None, None, False, dtype, monkeypatch)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("M", [2, 3])
+@pytest.mark.parametrize("prologue", [p for p in PROLOGUES if p != "none"])
+def test_prologue(prologue, M, channels_last, monkeypatch):
+    shape = (2, 20, 5, 9)
+    scale, bias, relu = make_prologue(prologue, M, shape[1])
+    branches = make_branches(shape, M, torch.float32, channels_last, stacked=False)
+    run_and_check(branches, make_logits(shape[0], M, shape[1]), scale, bias, relu, torch.float32, monkeypatch)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("M", [2, 3, 4])
+@pytest.mark.parametrize("prologue", ["none", "affine_relu"])
+def test_stacked_input(prologue, M, channels_last, monkeypatch):
+    shape = (2, 12, 7, 5)
+    x = make_branches(shape, M, torch.bfloat16, channels_last, stacked=True)
+    views, kernel_channels_last, _ = layout.kernel_views([x])
+    assert kernel_channels_last == channels_last
+    assert [v.data_ptr() for v in views] == [u.data_ptr() for u in x.unbind(1)], "stacked input was copied"
+    scale, bias, relu = make_prologue(prologue, M, shape[1])
+    run_and_check(x, make_logits(shape[0], M, shape[1]), scale, bias, relu, torch.bfloat16, monkeypatch)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_layouts_are_read_in_place(channels_last):
+    branches = make_branches((2, 8, 5, 6), 3, torch.float32, channels_last, stacked=False)
+    views, kernel_channels_last, stride = layout.kernel_views(branches)
+    assert kernel_channels_last == channels_last and stride == 8 * 5 * 6
+    assert [v.data_ptr() for v in views] == [u.data_ptr() for u in branches]
+
+
+def strided_cases():
+    base = torch.randn(2, 10, 6, 16, device=DEVICE)
+    sliced = base[:, :, :, ::2]  # not dense: copied
+    transposed = torch.randn(2, 10, 8, 6, device=DEVICE).transpose(2, 3)  # H and W swapped: copied
+    channels_last = torch.randn(2, 10, 6, 8, device=DEVICE).to(memory_format=torch.channels_last)
+    contiguous = torch.randn(2, 10, 6, 8, device=DEVICE)
+    batch_sliced = torch.randn(4, 10, 6, 8, device=DEVICE)[::2]  # dense images, batch stride 2*C*H*W
+    return {
+        "sliced": [sliced, contiguous],
+        "transposed": [transposed, contiguous],
+        "mixed_layouts": [channels_last, contiguous],
+        "batch_strides_differ": [batch_sliced, contiguous],
+        "batch_sliced": [batch_sliced, torch.randn(4, 10, 6, 8, device=DEVICE)[1::2]],
+    }
+
+
+@pytest.mark.parametrize("case", list(strided_cases()))
+def test_other_strides(case, monkeypatch):
+    branches = [u.detach().requires_grad_() for u in strided_cases()[case]]
+    out = run_and_check(branches, make_logits(2, 2, 10), None, None, False, torch.float32, monkeypatch)
+    if case == "batch_sliced":
+        views, _, stride = layout.kernel_views(branches)
+        assert stride == 2 * 10 * 6 * 8 and views[0].data_ptr() == branches[0].data_ptr(), "read in place"
+    elif case != "batch_strides_differ":
+        assert out.is_contiguous(), "copied inputs give a contiguous output"
+
+
+def test_many_splits(monkeypatch):
+    # Force the H*W axis into many chunks, as a large GPU would: the partial sums must add up.
+    monkeypatch.setattr(launch, "CPU_MIN_PROGRAMS", 64)
+    shape = (1, 8, 24, 24)
+    p = launch.plan(1, 8, 24 * 24, True, launch.tile_elements(torch.float32, 2, select_backward=True), DEVICE)
+    assert p.num_splits > 4
+    branches = make_branches(shape, 2, torch.float32, True, stacked=False)
+    run_and_check(branches, make_logits(1, 2, 8), None, None, False, torch.float32, monkeypatch)
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["list", "stacked"])
+@pytest.mark.parametrize("relu", [False, True])
+def test_empty_batch(stacked, relu):
+    branches = make_branches((0, 6, 3, 4), 2, torch.float32, False, stacked)
+    logits = make_logits(0, 2, 6)
+    s = ops.sk_fuse(branches, relu=relu)
+    out = ops.sk_select(branches, logits, relu=relu)
+    assert s.shape == (0, 6) and out.shape == (0, 6, 3, 4)
+    inputs = branches if isinstance(branches, list) else [branches]
+    grads = torch.autograd.grad(s.sum() + out.sum(), inputs + [logits])
+    assert [g.shape for g in grads] == [t.shape for t in inputs + [logits]]
+
+
+def test_autocast_leaves_dtypes_alone(monkeypatch):
+    # The ops compute in float32 whatever the autocast state; float32 branches stay float32.
+    branches = make_branches((2, 8, 4, 4), 2, torch.float32, True, stacked=False)
+    logits = make_logits(2, 2, 8, torch.bfloat16)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out = run_and_check(branches, logits, None, None, False, torch.float32, monkeypatch)
+    assert out.dtype == torch.float32
+
+
+def test_offsets_past_2_31_elements():
+    # Two images 2**31 elements apart in one allocation: the second is only reachable with 64-bit
+    # offsets. Untouched pages of the allocation are never materialised.
+    C, H, W = 4, 3, 5
+    image = C * H * W
+    storage = torch.empty(2**31 + 2 * image, dtype=torch.float16, device=DEVICE)
+    branches = [storage.as_strided((2, C, H, W), (2**31, H * W, W, 1), storage_offset=m * image) for m in range(2)]
+    for u in branches:
+        u.copy_(torch.randn(u.shape, device=DEVICE))
+    logits = torch.randn(2, 2, C, device=DEVICE)
+    s_expected, out_expected, _ = oracle([u.detach() for u in branches], logits.detach(), None, None, False)
+    assert_close(ops.sk_fuse(branches), s_expected, torch.float16, "sk_fuse")
+    assert_close(ops.sk_select(branches, logits), out_expected, torch.float16, "sk_select")
+
+
+def test_backward_keeps_only_what_it_needs():
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    branches = make_branches((2, 8, 4, 4), 2, torch.float32, False, stacked=False)
+    logits = make_logits(2, 2, 8)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ops.sk_fuse(branches)
+        assert saved == [], "sk_fuse without ReLU needs no tensor for its backward"
+        ops.sk_select(branches, logits)
+    assert sorted(saved) == sorted([(2, 8, 4, 4)] * 2 + [(2, 2, 8)]), f"sk_select saved {saved}"

@@ -1,0 +1,90 @@
+"""Bad input gets a TypeError or ValueError naming the problem, before any kernel starts; and the
+plain-PyTorch path that CPU tensors take without the interpreter."""
+import re
+
+import pytest
+import torch
+
+from sknet_triton import launch, ops, reference
+
+
+def good(B=2, M=2, C=6, H=3, W=4, dtype=torch.float32):
+    branches = [torch.randn(B, C, H, W, dtype=dtype) for _ in range(M)]
+    return branches, torch.randn(B, M, C)
+
+
+def cases():
+    branches, logits = good()
+    u = branches[0]
+    return {
+        "not_a_sequence": (lambda: ops.sk_fuse("branches"), TypeError, "list or tuple"),
+        "not_a_tensor": (lambda: ops.sk_fuse([u, 3.0]), TypeError, "branch 1 must be a Tensor"),
+        "one_branch": (lambda: ops.sk_fuse([u]), ValueError, "2 to 4 branches, got 1"),
+        "five_branches": (lambda: ops.sk_fuse([u] * 5), ValueError, "2 to 4 branches, got 5"),
+        "stacked_not_5d": (lambda: ops.sk_fuse(u), ValueError, "5-D"),
+        "stacked_one_branch": (lambda: ops.sk_fuse(u[:, None]), ValueError, "got 1"),
+        "not_4d": (lambda: ops.sk_fuse([u[0], u[0]]), ValueError, "4-D"),
+        "shapes_differ": (lambda: ops.sk_fuse([u, u[:, :3]]), ValueError, "differ in shape"),
+        "dtypes_differ": (lambda: ops.sk_fuse([u, u.half()]), TypeError, "differ in dtype"),
+        "integer": (lambda: ops.sk_fuse([u.int(), u.int()]), TypeError, "float32, float16 or bfloat16"),
+        "float64": (lambda: ops.sk_fuse([u.double(), u.double()]), TypeError, "float32, float16 or bfloat16"),
+        "empty_channels": (lambda: ops.sk_fuse([u[:, :0], u[:, :0]]), ValueError, "C, H, W >= 1"),
+        "image_too_large": (
+            lambda: ops.sk_fuse([u.new_empty(1).expand(1, 2**16, 2**8, 2**7)] * 2), ValueError, "fewer than 2**31"
+        ),
+        "devices_differ": (lambda: ops.sk_fuse([u, u.to("meta")]), ValueError, "different devices"),
+        "logits_shape": (lambda: ops.sk_select(branches, logits[:, :, :5]), ValueError, "logits must be [B, M, C]"),
+        "logits_2d": (lambda: ops.sk_select(branches, logits.flatten(1)), ValueError, "logits must be [B, M, C]"),
+        "logits_not_tensor": (lambda: ops.sk_select(branches, [1.0]), TypeError, "logits must be a Tensor"),
+        "logits_integer": (lambda: ops.sk_select(branches, logits.long()), TypeError, "logits must be float32"),
+        "logits_device": (lambda: ops.sk_select(branches, logits.to("meta")), ValueError, "logits are on meta"),
+        "scale_shape": (lambda: ops.sk_fuse(branches, scale=torch.ones(6)), ValueError, "scale must be [M, C]"),
+        "bias_shape": (lambda: ops.sk_fuse(branches, bias=torch.ones(3, 6)), ValueError, "bias must be [M, C]"),
+        "scale_integer": (lambda: ops.sk_fuse(branches, scale=torch.ones(2, 6, dtype=torch.int64)), TypeError, "scale"),
+        "bias_device": (lambda: ops.sk_fuse(branches, bias=torch.ones(2, 6, device="meta")), ValueError, "bias is on meta"),
+        "scale_requires_grad": (
+            lambda: ops.sk_select(branches, logits, scale=torch.ones(2, 6, requires_grad=True)),
+            ValueError,
+            "scale requires grad",
+        ),
+        "relu_not_bool": (lambda: ops.sk_fuse(branches, relu=1), TypeError, "relu must be a bool"),
+    }
+
+
+@pytest.fixture
+def no_kernel_launches(monkeypatch):
+    """Any kernel launch fails the test: validation must come first."""
+
+    def launched(*args, **kwargs):
+        raise AssertionError("a kernel was launched before the input was rejected")
+
+    for name in ("fuse_forward", "fuse_relu_backward", "select_forward", "select_backward"):
+        monkeypatch.setattr(launch, name, launched)
+
+
+@pytest.mark.parametrize("case", list(cases()))
+def test_bad_input(case, no_kernel_launches):
+    call, error, message = cases()[case]
+    with pytest.raises(error, match=re.escape(message)):
+        call()
+
+
+def test_scale_without_grad_mode_is_accepted():
+    branches, logits = good()
+    scale = torch.ones(2, 6, requires_grad=True)
+    with torch.no_grad():
+        out = ops.sk_select(branches, logits, scale=scale)
+    torch.testing.assert_close(out, reference.sk_select(branches, logits, scale.detach()))
+
+
+def test_cpu_tensors_without_interpreter_use_the_reference(monkeypatch, no_kernel_launches):
+    monkeypatch.setattr(ops, "INTERPRET", False)
+    branches = [torch.randn(2, 6, 3, 3, requires_grad=True) for _ in range(3)]
+    logits = torch.randn(2, 3, 6, requires_grad=True)
+    scale, bias = torch.rand(3, 6) + 0.5, torch.randn(3, 6)
+    s = ops.sk_fuse(branches, scale, bias, relu=True)
+    out = ops.sk_select(branches, logits, scale, bias, relu=True)
+    torch.testing.assert_close(s, reference.sk_fuse(branches, scale, bias, relu=True))
+    torch.testing.assert_close(out, reference.sk_select(branches, logits, scale, bias, relu=True))
+    (s.sum() + out.sum()).backward()
+    assert all(b.grad is not None and b.grad.abs().sum() > 0 for b in branches) and logits.grad is not None
