@@ -21,8 +21,8 @@ from torch import Tensor
 from sknet_triton import kernels
 from sknet_triton.layout import MAX_BRANCHES, branch_views, empty_branch_grads, empty_images, kernel_views
 
-# Bytes of each streamed tensor in one [BLOCK_C, BLOCK_HW] tile. The select backward holds M float32
-# accumulators beside M + 1 loaded tiles, hence its smaller tiles, smaller still for more branches.
+# Bytes of each streamed tensor in one [BLOCK_C, BLOCK_HW] tile. The backward kernels stream 2M + 1
+# tensors (and the select backward holds M float32 accumulators), hence smaller tiles for more branches.
 FORWARD_TILE_BYTES = 8192
 BACKWARD_TILE_BYTES = {2: 4096, 3: 2048, 4: 2048}
 NUM_WARPS = 8
@@ -49,9 +49,9 @@ class Plan:
     chunk: int  # positions per split, a multiple of block_hw
 
 
-def tile_elements(dtype: torch.dtype, M: int, select_backward: bool = False) -> int:
+def tile_elements(dtype: torch.dtype, M: int, backward: bool = False) -> int:
     """Elements per tile for branches of ``dtype``."""
-    return (BACKWARD_TILE_BYTES[M] if select_backward else FORWARD_TILE_BYTES) // dtype.itemsize
+    return (BACKWARD_TILE_BYTES[M] if backward else FORWARD_TILE_BYTES) // dtype.itemsize
 
 
 def tile_shape(channels_last: bool, C: int, HW: int, tile: int) -> tuple[int, int]:
@@ -139,7 +139,7 @@ def fuse_relu_backward(
         return grads
     grad_views = _padded(branch_views(grads))
     affine, scale, bias = _prologue(scale, bias, M, C, device)
-    p = plan(B, C, HW, channels_last, tile_elements(views[0].dtype, M), device)
+    p = plan(B, C, HW, channels_last, tile_elements(views[0].dtype, M, backward=True), device)
     grid = (B, p.num_c_blocks, p.num_splits)
     kernels.sk_fuse_bwd_kernel[grid](
         grad_s.float().contiguous(), *_padded(views), scale, bias, *grad_views,
@@ -193,7 +193,7 @@ def select_backward(
     logits = logits.contiguous()
     grad_views = _padded(branch_views(grads))
     affine, scale, bias = _prologue(scale, bias, M, C, device)
-    p = plan(B, C, HW, channels_last, tile_elements(views[0].dtype, M, select_backward=True), device)
+    p = plan(B, C, HW, channels_last, tile_elements(views[0].dtype, M, backward=True), device)
     g_partial = torch.empty(B, p.num_splits, M, C, dtype=torch.float32, device=device)
     grid = (B, p.num_c_blocks, p.num_splits)
     kernels.sk_select_bwd_kernel[grid](
@@ -238,8 +238,8 @@ def specializations(dtypes=(torch.float32, torch.float16, torch.bfloat16)) -> It
         for kernel, tile, with_relu_flag in (
             (kernels.sk_fuse_fwd_kernel, tile_elements(dtype, M), True),
             (kernels.sk_select_fwd_kernel, tile_elements(dtype, M), True),
-            (kernels.sk_select_bwd_kernel, tile_elements(dtype, M, select_backward=True), True),
-            (kernels.sk_fuse_bwd_kernel, tile_elements(dtype, M), False),
+            (kernels.sk_select_bwd_kernel, tile_elements(dtype, M, backward=True), True),
+            (kernels.sk_fuse_bwd_kernel, tile_elements(dtype, M, backward=True), False),
         ):
             for (channels_last, block_c, block_hw), affine in itertools.product(_tile_shapes(tile), flags):
                 for relu in flags if with_relu_flag else (None,):

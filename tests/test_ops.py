@@ -136,7 +136,7 @@ def test_many_splits(monkeypatch):
     # Force the H*W axis into many chunks, as a large GPU would: the partial sums must add up.
     monkeypatch.setattr(launch, "CPU_MIN_PROGRAMS", 64)
     shape = (1, 8, 24, 24)
-    p = launch.plan(1, 8, 24 * 24, True, launch.tile_elements(torch.float32, 2, select_backward=True), DEVICE)
+    p = launch.plan(1, 8, 24 * 24, True, launch.tile_elements(torch.float32, 2, backward=True), DEVICE)
     assert p.num_splits > 4
     branches = make_branches(shape, 2, torch.float32, True, stacked=False)
     run_and_check(branches, make_logits(1, 2, 8), None, None, False, torch.float32, monkeypatch)
