@@ -1,0 +1,132 @@
+"""The bytes model: the least memory traffic each SK op needs, and what eager timm moves instead.
+
+Counts are in passes over one branch's N = B * C * H * W elements (DESIGN.md §3). The SK ops are
+memory-bound, so a pass count times N times the element size is the floor their time is measured against.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+
+# SKNet-50 (timm skresnext50_32x4d): SK output channels and blocks per stage.
+SKNET50_STAGES = ((128, 3), (256, 4), (512, 6), (1024, 3))
+# The stem (a stride-2 convolution, then a stride-2 max pool) divides the resolution by 4.
+STEM_HALVINGS = 2
+
+
+def fuse_forward_passes(M: int) -> int:
+    """Fuse forward reads the M branches."""
+    return M
+
+
+def select_forward_passes(M: int) -> int:
+    """Select forward reads the M branches and writes the output."""
+    return M + 1
+
+
+def fuse_relu_backward_passes(M: int) -> int:
+    """Fuse backward with a ReLU prologue reads the M branches (for the ReLU mask) and writes M gradients.
+
+    Without a ReLU the gradient is a broadcast of ds / HW, returned as an expanded view: no passes."""
+    return 2 * M
+
+
+def select_backward_passes(M: int) -> int:
+    """Select backward in one pass reads dV and the M branches and writes the M branch gradients."""
+    return 2 * M + 1
+
+
+def fused_forward_passes(M: int) -> int:
+    """An SK unit's forward with the fused ops: fuse, then select; BatchNorm and ReLU in their prologue."""
+    return fuse_forward_passes(M) + select_forward_passes(M)
+
+
+def eager_forward_passes(M: int) -> int:
+    """An SK unit's forward as timm's SelectiveKernel runs it in eager PyTorch, kernel by kernel."""
+    batchnorm_and_relu = 4 * M  # each branch: BatchNorm reads and writes, ReLU reads and writes
+    stack = 2 * M  # torch.stack copies the branches
+    attention_sum = M + 1  # x.sum(1) reads M, writes 1
+    mean = 1  # .mean((2, 3)) reads the sum
+    multiply = 2 * M  # x * attention reads M, writes M
+    select_sum = M + 1  # torch.sum(dim=1) reads M, writes 1
+    return batchnorm_and_relu + stack + attention_sum + mean + multiply + select_sum
+
+
+OP_PASSES = {
+    "fuse fwd": fuse_forward_passes,
+    "fuse bwd": fuse_relu_backward_passes,
+    "select fwd": select_forward_passes,
+    "select bwd": select_backward_passes,
+}
+
+
+def op_min_bytes(op: str, M: int, elements: int, element_size: int) -> int:
+    """The least bytes ``op`` (a key of OP_PASSES) moves for branches of ``elements`` elements each."""
+    return OP_PASSES[op](M) * elements * element_size
+
+
+@dataclass(frozen=True)
+class SKStage:
+    """The SK units of one stage: their output shape per image and how many there are."""
+
+    channels: int
+    height: int
+    width: int
+    units: int
+
+    @property
+    def elements(self) -> int:
+        """Elements of one branch of one unit, per image."""
+        return self.channels * self.height * self.width
+
+
+def sknet50_stages(image_size: int = 224) -> list[SKStage]:
+    """SKNet-50's SK units for square images of ``image_size``: every stride-2 layer rounds up."""
+    size = image_size
+    for _ in range(STEM_HALVINGS):
+        size = math.ceil(size / 2)
+    stages = []
+    for index, (channels, units) in enumerate(SKNET50_STAGES):
+        if index > 0:
+            size = math.ceil(size / 2)
+        stages.append(SKStage(channels, size, size, units))
+    return stages
+
+
+def sknet50_elements_per_image(image_size: int = 224) -> int:
+    """Elements of one branch summed over all 16 SK units of SKNet-50, per image (2.76 M at 224)."""
+    return sum(stage.elements * stage.units for stage in sknet50_stages(image_size))
+
+
+def forward_bytes_table(
+    batch: int, element_size: int, image_size: int = 224, M: int = 2, copy_gbps: float | None = None
+) -> pd.DataFrame:
+    """Eager and fused forward bytes of SKNet-50's SK units: per unit and per stage, and the total.
+
+    The convolutions that produce the branches are left out: both ways write them once. With
+    ``copy_gbps`` (a measured device-to-device copy bandwidth), adds the time each total takes at it.
+    """
+    rows = []
+    for index, stage in enumerate(sknet50_stages(image_size), start=1):
+        unit_bytes = stage.elements * batch * element_size
+        rows.append({
+            "stage": str(index),
+            "SK output C×H×W": f"{stage.channels}×{stage.height}×{stage.width}",
+            "units": stage.units,
+            "eager MB/unit": eager_forward_passes(M) * unit_bytes / 1e6,
+            "fused MB/unit": fused_forward_passes(M) * unit_bytes / 1e6,
+        })
+    table = pd.DataFrame(rows)
+    table["eager MB"] = table["eager MB/unit"] * table["units"]
+    table["fused MB"] = table["fused MB/unit"] * table["units"]
+    total = {"stage": "all", "SK output C×H×W": "", "units": table["units"].sum(),
+             "eager MB": table["eager MB"].sum(), "fused MB": table["fused MB"].sum()}
+    table = pd.concat([table, pd.DataFrame([total])], ignore_index=True)
+    table["eager / fused"] = table["eager MB"] / table["fused MB"]
+    if copy_gbps:
+        # MB / (GB/s) = ms
+        table["eager ms at copy BW"] = table["eager MB"] / copy_gbps
+        table["fused ms at copy BW"] = table["fused MB"] / copy_gbps
+    return table

@@ -1,0 +1,203 @@
+"""Writing results: the environment stamp, CSV and Markdown tables, the chart, and meta.json.
+
+Every file carries the stamp: the device (GPU name, or CPU), torch, triton, CUDA and timm versions, and
+the git commit the numbers were measured at (marked ``-dirty`` when the tree had uncommitted changes).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import platform
+import re
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+import pandas as pd
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "perf" / "results"
+STAMP_COLUMNS = ("device", "torch", "triton", "cuda", "commit", "date")
+COLORS = {"sknet_triton": "tab:orange", "timm": "tab:blue", "eager": "tab:gray", "compiled": "tab:blue"}
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return "not installed"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str:
+    """The short commit hash of the repository, with ``-dirty`` if tracked files have changed."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment(device: torch.device) -> dict:
+    """The stamp of this run: what it ran on, with which versions, at which commit and when."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        threads = torch.get_num_threads()
+        name = f"CPU: {_cpu_name()}, {threads} thread{'s' if threads > 1 else ''}"
+    return {
+        "device": name,
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "cuda": torch.version.cuda or "none",
+        "timm": _version("timm"),
+        "python": platform.python_version(),
+        "commit": git_commit(),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def stamp_line(env: dict) -> str:
+    """The stamp as one line of text."""
+    return (f"{env['device']} | torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
+            f"timm {env['timm']} | commit {env['commit']} | {env['date']}")
+
+
+def default_out_dir(env: dict) -> Path:
+    """perf/results/<device>-<date>: the GPU's name, or "cpu"."""
+    name = env["device"] if env["device_type"] == "cuda" else "cpu"
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return RESULTS / f"{slug}-{env['date']}"
+
+
+def format_number(value) -> str:
+    """A table cell for reading: floats to about three significant digits, NaN as blank."""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ""
+        magnitude = abs(value)
+        if magnitude >= 100:
+            return f"{value:,.0f}"
+        if magnitude >= 10:
+            return f"{value:.1f}"
+        return f"{value:.3g}" if magnitude < 0.01 and value else f"{value:.2f}"
+    return str(value)
+
+
+def _formatted(table: pd.DataFrame) -> pd.DataFrame:
+    return table.astype(object).apply(lambda column: column.map(format_number))
+
+
+def format_table(table: pd.DataFrame) -> str:
+    """The table as aligned plain text, numbers rounded for reading."""
+    return _formatted(table).to_string(index=False)
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """The table as GitHub Markdown, numbers rounded for reading."""
+    cells = _formatted(table)
+    lines = ["| " + " | ".join(str(c) for c in table.columns) + " |",
+             "|" + "|".join("---:" if pd.api.types.is_numeric_dtype(table[c]) else "---" for c in table.columns) + "|"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in cells.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def write_tables(out_dir: Path, env: dict, tables: dict[str, pd.DataFrame]) -> list[Path]:
+    """Write each table as <name>.csv with the stamp columns appended to every row. Returns the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, table in tables.items():
+        stamped = table.assign(**{column: env[column] for column in STAMP_COLUMNS})
+        path = out_dir / f"{name}.csv"
+        stamped.to_csv(path, index=False)
+        paths.append(path)
+    return paths
+
+
+def write_markdown(path: Path, env: dict, config: dict, sections: list[tuple[str, str]], notes: list[str]) -> Path:
+    """report.md: the stamp, the configuration, each (title, body) section, and the notes."""
+    lines = ["# sknet_triton performance report", "", f"**{stamp_line(env)}**", "",
+             "Configuration: " + ", ".join(f"{k} {v}" for k, v in config.items()), ""]
+    for title, body in sections:
+        lines += [f"## {title}", "", body, ""]
+    if notes:
+        lines += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+def write_meta(path: Path, env: dict, config: dict, notes: list[str], copy_gbps: Optional[float]) -> Path:
+    """meta.json: the stamp, the configuration and the notes, for perf/readme.py."""
+    meta = {"environment": env, "config": config, "notes": notes, "copy_gbps": copy_gbps}
+    path.write_text(json.dumps(meta, indent=2) + "\n")
+    return path
+
+
+def write_chart(path: Path, env: dict, setting: str, models: pd.DataFrame, ops: Optional[pd.DataFrame]) -> Path:
+    """chart.png: images/s of every timed row by mode, peak GPU memory when measured, and the Triton
+    ops' share of copy bandwidth beside the reference's when the op table ran. ``setting`` (dtype,
+    layout, image size) heads it with the stamp."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = models[models["status"] == "ok"] if "images/s" in models else models.iloc[0:0]
+    panels = [("images/s", mode) for mode in timed["mode"].unique()]
+    if "peak GiB" in timed and timed["peak GiB"].notna().any():
+        panels += [("peak GiB", mode) for mode in timed["mode"].unique()]
+    if ops is not None and not ops.empty:
+        panels.append(("ops", None))
+    panels = panels or [("empty", None)]
+    figure, axes = plt.subplots(len(panels), 1, figsize=(10, 2.2 + 1.9 * len(panels)), squeeze=False)
+    for axis, (quantity, mode) in zip(axes[:, 0], panels):
+        if quantity == "ops":
+            _ops_panel(axis, ops)
+        elif quantity == "empty":
+            axis.text(0.5, 0.5, "no timed rows", ha="center", va="center")
+            axis.set_axis_off()
+        else:
+            rows = timed[timed["mode"] == mode]
+            colors = [COLORS["sknet_triton" if "sknet_triton" in r else "timm"] for r in rows["row"]]
+            axis.barh(rows["row"], rows[quantity], color=colors)
+            axis.invert_yaxis()
+            axis.set_xlabel(quantity)
+            axis.set_title(f"{mode}, batch {int(rows['batch'].iloc[0])}: {'higher' if quantity == 'images/s' else 'lower'} is better", fontsize=10)
+            for y, value in enumerate(rows[quantity]):
+                axis.text(value, y, f" {format_number(float(value))}", va="center", fontsize=8)
+    figure.suptitle(f"{setting}\n{stamp_line(env)}", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _ops_panel(axis, ops: pd.DataFrame) -> None:
+    """Grouped bars: % of copy bandwidth per (op, shape) for each implementation, first dtype and layout."""
+    first = ops[(ops["dtype"] == ops["dtype"].iloc[0]) & (ops["layout"] == ops["layout"].iloc[0])]
+    labels = [f"{op}\n{shape}" for op, shape in zip(first["op"], first["C×H×W"])]
+    implementations = [c.removesuffix(" % copy BW") for c in first.columns if c.endswith(" % copy BW")]
+    width = 0.8 / max(len(implementations), 1)
+    for index, implementation in enumerate(implementations):
+        positions = [i + index * width for i in range(len(first))]
+        axis.bar(positions, first[f"{implementation} % copy BW"], width, label=implementation,
+                 color=COLORS[implementation])
+    axis.set_xticks([i + width * (len(implementations) - 1) / 2 for i in range(len(first))], labels, fontsize=6)
+    axis.set_ylabel("% of copy bandwidth")
+    axis.set_title(f"ops, B={int(first['B'].iloc[0])}, {first['dtype'].iloc[0]}, {first['layout'].iloc[0]}: "
+                   "minimum bytes / time, % of copy bandwidth", fontsize=10)
+    axis.legend(fontsize=8)

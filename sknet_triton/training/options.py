@@ -1,0 +1,121 @@
+"""The trainer's command line, and the defaults that depend on where it runs."""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from typing import Optional, Sequence
+
+from sknet_triton import list_models
+from sknet_triton.training.checkpoint import FILENAME as CHECKPOINT_FILENAME
+from sknet_triton.training.data import SYNTHETIC_CLASSES
+
+__all__ = ["AMP_DTYPES", "build_parser", "parse_args", "resolve"]
+
+AMP_DTYPES = ("bf16", "fp16", "none")
+MOMENTUM = 0.9
+_LATEST = ""  # --resume without a path: the output directory's checkpoint
+
+
+def _number(kind, minimum, inclusive: bool = True):
+    """An argparse type: ``kind`` at least ``minimum`` (or above it, if not ``inclusive``)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if value < minimum or (not inclusive and value == minimum):
+            raise argparse.ArgumentTypeError(f"must be {'at least' if inclusive else 'above'} {minimum}, got {text}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m sknet_triton.train``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m sknet_triton.train",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Train an SKNet on one process, or on many under torchrun (one per GPU; gloo on CPUs).\n"
+            f"SGD with momentum {MOMENTUM}, linear warm-up then cosine decay, cross-entropy loss."
+        ),
+        epilog=(
+            "examples:\n"
+            "  python -m sknet_triton.train --model sknet_tiny --data synthetic --img-size 32 --epochs 5\n"
+            "  torchrun --nproc_per_node=8 -m sknet_triton.train --model sknet50 --data /data/imagenet"
+        ),
+    )
+    parser.add_argument("--model", required=True, choices=list_models(), metavar="NAME",
+                        help=f"network to train: {', '.join(list_models())}")
+    parser.add_argument("--data", default="synthetic", metavar="PATH|synthetic",
+                        help="an ImageFolder tree with train/ and val/ folders of one folder per class (needs "
+                             f"torchvision), or 'synthetic': {SYNTHETIC_CLASSES} classes of textures that differ "
+                             "only in scale, generated from --seed (default: synthetic)")
+    parser.add_argument("--img-size", type=_number(int, 8), default=224, metavar="PIXELS",
+                        help="side of the square training and validation images (default: 224)")
+    parser.add_argument("--epochs", type=_number(int, 1), default=100, help="epochs of the schedule (default: 100)")
+    parser.add_argument("--batch-size", type=_number(int, 2), default=64, metavar="N",
+                        help="images per step in each process; BatchNorm needs at least 2 (default: 64)")
+    parser.add_argument("--lr", type=_number(float, 0, inclusive=False), default=None,
+                        help="peak learning rate, reached after the warm-up (default: 0.1 x global batch / 256)")
+    parser.add_argument("--warmup-epochs", type=_number(float, 0), default=None, metavar="EPOCHS",
+                        help="epochs of linear warm-up before the cosine decay; fractions allowed "
+                             "(default: 5, at most a tenth of --epochs)")
+    parser.add_argument("--weight-decay", type=_number(float, 0), default=1e-4, metavar="WD",
+                        help="L2 penalty on weights; not on biases or normalisation parameters (default: 1e-4)")
+    parser.add_argument("--amp", choices=AMP_DTYPES, default=None,
+                        help="mixed precision: bf16, fp16 (with loss scaling) or none (default: bf16 on GPUs, none on CPUs)")
+    parser.add_argument("--channels-last", action="store_true", help="run the model in channels_last memory format")
+    parser.add_argument("--compile", action="store_true", help="compile the training step with torch.compile")
+    parser.add_argument("--sync-bn", action="store_true",
+                        help="BatchNorm statistics over the global batch rather than each process's (GPUs, several processes)")
+    parser.add_argument("--workers", type=_number(int, 0), default=None, metavar="N",
+                        help="data-loading worker processes per training process (default: this machine's CPUs "
+                             "shared among its training processes, at most 8)")
+    parser.add_argument("--output", default=None, metavar="DIR",
+                        help=f"where {CHECKPOINT_FILENAME} (written after every epoch) and log.csv go "
+                             "(default: runs/MODEL)")
+    parser.add_argument("--resume", nargs="?", const=_LATEST, default=None, metavar="CHECKPOINT",
+                        help=f"continue the run saved in CHECKPOINT (default: DIR/{CHECKPOINT_FILENAME}) exactly "
+                             "where it stopped; the settings that shape training must be the same")
+    parser.add_argument("--stop-after-epoch", type=_number(int, 1), default=None, metavar="EPOCH",
+                        help="end this run after epoch EPOCH, keeping the schedule of --epochs; continue later "
+                             "with --resume (for time-limited jobs)")
+    parser.add_argument("--seed", type=_number(int, 0), default=0,
+                        help="seed of the initial weights, data order, augmentation and synthetic images (default: 0)")
+    parser.add_argument("--synthetic-size", type=_number(int, 1), default=10_000, metavar="N",
+                        help="images in the synthetic training set; validation has a quarter as many (default: 10000)")
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The command line, checked; exits with a usage message (status 2) on bad input."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.warmup_epochs is not None and args.warmup_epochs >= args.epochs:
+        parser.error(f"--warmup-epochs ({args.warmup_epochs:g}) must be less than --epochs ({args.epochs})")
+    if args.stop_after_epoch is not None and args.stop_after_epoch > args.epochs:
+        parser.error(f"--stop-after-epoch ({args.stop_after_epoch}) is past --epochs ({args.epochs})")
+    return args
+
+
+def resolve(args: argparse.Namespace, world_size: int, local_world_size: int, cuda: bool) -> argparse.Namespace:
+    """``args`` with every environment-dependent default made concrete: the settings a checkpoint records."""
+    settings = argparse.Namespace(**vars(args))
+    if settings.lr is None:
+        settings.lr = 0.1 * settings.batch_size * world_size / 256
+    if settings.warmup_epochs is None:
+        settings.warmup_epochs = min(5.0, settings.epochs / 10)
+    if settings.amp is None:
+        settings.amp = "bf16" if cuda else "none"
+    if settings.workers is None:
+        settings.workers = min(8, (os.cpu_count() or 1) // local_world_size)
+    if settings.output is None:
+        settings.output = os.path.join("runs", settings.model)
+    if settings.resume == _LATEST:
+        settings.resume = os.path.join(settings.output, CHECKPOINT_FILENAME)
+    return settings

@@ -1,0 +1,39 @@
+"""Helpers shared by the model and conversion tests."""
+import torch
+from torch import Tensor, nn
+
+
+def randomize_batchnorm(model: nn.Module) -> nn.Module:
+    """Give every BatchNorm random affine parameters and running statistics, so that eval-mode outputs
+    depend on all of them; returns ``model``."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def assert_close_relative(actual: Tensor, expected: Tensor, rtol: float = 1e-4, name: str = "") -> None:
+    """Equal within ``rtol`` of each value, or of the largest value of ``expected`` for values near zero.
+    ``name`` prefixes the failure message."""
+    torch.testing.assert_close(
+        actual, expected, rtol=rtol, atol=rtol * expected.abs().max().item(), msg=lambda message: f"{name}: {message}"
+    )
+
+
+def assert_as_accurate_as(actual: Tensor, baseline: Tensor, exact: Tensor, name: str = "") -> None:
+    """``actual``'s largest error against ``exact`` (a float64 computation) is at most twice that of
+    ``baseline`` (the same computation in plain float32 PyTorch), plus float32 rounding of the largest value.
+
+    For quantities whose float32 rounding is amplified (gradients through training-mode BatchNorm over a
+    small batch), where comparing two float32 computations to each other says little.
+    """
+    exact = exact.double()
+    scale = exact.abs().max().item()
+    error = (actual.double() - exact).abs().max().item()
+    baseline_error = (baseline.double() - exact).abs().max().item()
+    allowed = 2 * baseline_error + 1e-6 * scale
+    assert error <= allowed, f"{name}: error {error:.3g} against float64, float32 PyTorch's {baseline_error:.3g}"

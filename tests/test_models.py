@@ -1,0 +1,302 @@
+"""The registered models: registry, parity with timm, gradients, shapes and layouts, torch.compile,
+eval-mode BatchNorm folding, the "torch" backend, and one model end to end through the Triton kernels.
+
+Tests that do not need the kernels run the models with the "torch" backend, so that Triton's CPU
+interpreter only runs for the small model.
+"""
+import copy
+
+import pytest
+import torch
+import torch._dynamo
+import torch.nn.functional as F
+from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
+from torch._dynamo.utils import counters
+
+from sknet_triton import create_model, list_models, set_backend
+from tests.helpers import DEVICE, requires_kernels
+from tests.model_helpers import assert_as_accurate_as, assert_close_relative, randomize_batchnorm
+
+NUM_CLASSES = 10
+SMALL_MODEL = "sknet_tiny"
+# Our model and the timm model with the same architecture and state-dict keys.
+TIMM_EQUIVALENTS = [
+    ("skresnet18", "skresnet18"),
+    ("skresnet34", "skresnet34"),
+    ("skresnet50", "skresnet50"),
+    ("skresnet50d", "skresnet50d"),
+    ("skresnext50_32x4d", "skresnext50_32x4d"),
+    ("sknet50", "skresnext50_32x4d"),
+]
+
+
+@pytest.fixture(scope="module", params=list_models())
+def built_model(request):
+    """Each registered model, built once per module (pytest groups the tests by it): random weights and
+    random BatchNorm state."""
+    return randomize_batchnorm(create_model(request.param, num_classes=NUM_CLASSES))
+
+
+@pytest.fixture
+def model(built_model):
+    """A private copy of ``built_model`` on the "torch" backend."""
+    return set_backend(copy.deepcopy(built_model), "torch")
+
+
+def small_model(backend: str = "torch"):
+    """The small model with random BatchNorm state, on ``backend``."""
+    return set_backend(randomize_batchnorm(create_model(SMALL_MODEL, num_classes=NUM_CLASSES)), backend)
+
+
+def images(batch: int = 2, size: int = 32, channels: int = 3) -> torch.Tensor:
+    return torch.randn(batch, channels, size, size)
+
+
+def train_step_grads(model, x, target):
+    """Loss and every parameter's gradient, by name, of one cross-entropy step."""
+    model.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), target)
+    loss.backward()
+    return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Registry.
+
+
+def test_list_models():
+    assert list_models() == sorted([
+        "sknet50", "sknet101", "sknet_tiny",
+        "skresnet18", "skresnet34", "skresnet50", "skresnet50d", "skresnext50_32x4d",
+    ])
+
+
+def test_unknown_model_names_what_exists():
+    with pytest.raises(ValueError, match="unknown model 'sknet18'") as error:
+        create_model("sknet18")
+    assert all(name in str(error.value) for name in list_models())
+
+
+def test_unknown_keyword_names_what_is_accepted():
+    with pytest.raises(TypeError, match=r"\['pretrained'\].*in_chans, drop_rate"):
+        create_model(SMALL_MODEL, pretrained=True)
+
+
+def test_in_chans_and_num_classes():
+    model = set_backend(create_model(SMALL_MODEL, num_classes=7, in_chans=1), "torch")
+    assert model.conv1.in_channels == 1
+    assert model(images(channels=1)).shape == (2, 7)
+
+
+def test_drop_rate_drops_pooled_features_in_training_only():
+    dropping = set_backend(create_model(SMALL_MODEL, num_classes=NUM_CLASSES, drop_rate=0.5), "torch")
+    plain = set_backend(create_model(SMALL_MODEL, num_classes=NUM_CLASSES), "torch")
+    plain.load_state_dict(dropping.state_dict())
+    x = images()
+    dropping.eval()
+    plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(dropping(x), plain(x))
+        features = plain.forward_features(x)
+    dropping.train()
+    plain.train()
+    dropped = dropping.forward_head(features, pre_logits=True)
+    kept = plain.forward_head(features, pre_logits=True)
+    torch.testing.assert_close(dropped[dropped != 0], 2 * kept[dropped != 0])
+    assert 0 < (dropped == 0).sum() < dropped.numel()
+
+
+# --------------------------------------------------------------------------------------------------------
+# The same networks as timm's.
+
+
+@pytest.mark.parametrize("name, timm_name", TIMM_EQUIVALENTS)
+def test_matches_timm(name, timm_name):
+    timm = pytest.importorskip("timm")
+    reference = randomize_batchnorm(timm.create_model(timm_name, num_classes=NUM_CLASSES))
+    model = set_backend(create_model(name, num_classes=NUM_CLASSES), "torch")
+    assert list(model.state_dict()) == list(reference.state_dict())
+    model.load_state_dict(reference.state_dict(), strict=True)
+    x = images(size=72)  # odd sizes from stage 2 on: padding and pooling at the borders matter
+
+    model.eval()
+    reference.eval()
+    with torch.no_grad():
+        assert_close_relative(model.forward_features(x), reference.forward_features(x))
+        assert_close_relative(model(x), reference(x))
+
+    model.train()
+    reference.train()
+    target = torch.randint(0, NUM_CLASSES, (2,))
+    loss, grads = train_step_grads(model, x, target)
+    expected_loss, expected_grads = train_step_grads(reference, x, target)
+    assert_close_relative(loss, expected_loss)
+    assert grads.keys() == expected_grads.keys()
+    for key, grad in grads.items():
+        assert_close_relative(grad, expected_grads[key], name=key)
+    expected_buffers = dict(reference.named_buffers())
+    for key, buffer in model.named_buffers():
+        torch.testing.assert_close(buffer, expected_buffers[key], msg=key)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Every registered model.
+
+
+def test_every_parameter_gets_a_gradient(model):
+    model.train()
+    loss, grads = train_step_grads(model, images(), torch.randint(0, NUM_CLASSES, (2,)))
+    assert torch.isfinite(loss)
+    without = [key for key, grad in grads.items() if grad is None or not grad.abs().sum() > 0]
+    assert not without, f"parameters without a gradient: {without}"
+    assert all(torch.isfinite(grad).all() for grad in grads.values())
+
+
+def test_batch_of_one_in_eval(model):
+    model.eval()
+    x = images()
+    with torch.no_grad():
+        logits = model(x)
+        single = model(x[:1])
+    assert logits.shape == (2, NUM_CLASSES)
+    assert_close_relative(single, logits[:1])
+
+
+def test_channels_last_in_and_out(model):
+    model.eval()
+    x = images(size=64)
+    with torch.no_grad():
+        expected_features = model.forward_features(x)
+        expected = model(x)
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+        features = model.forward_features(x)
+        logits = model(x)
+    assert features.shape[-1] > 1
+    assert features.is_contiguous(memory_format=torch.channels_last)
+    assert_close_relative(features, expected_features)
+    assert_close_relative(logits, expected)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_compiles_to_one_graph(model, training):
+    torch._dynamo.reset()
+    model.train(training)
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    x = images()
+    with torch.set_grad_enabled(training):
+        torch.testing.assert_close(compiled(x), model(x))
+    assert counter.frame_count == 1
+
+
+# --------------------------------------------------------------------------------------------------------
+# The Triton kernels ("auto" backend on DEVICE; under TRITON_INTERPRET=1 on the CPU), on the small model.
+# Gradients through training-mode BatchNorm over a small batch amplify float32 rounding, so that two float32
+# computations differ more than either differs from float64: gradients are held to plain float32 PyTorch's
+# accuracy against float64.
+
+
+def small_model_on_device():
+    """The small model on DEVICE with the "auto" backend, a copy on the "torch" backend and one in float64."""
+    model = small_model("auto").to(DEVICE)
+    reference = set_backend(copy.deepcopy(model), "torch")
+    return model, reference, copy.deepcopy(reference).double()
+
+
+@requires_kernels
+def test_kernels_end_to_end():
+    model, reference, exact = small_model_on_device()
+    x, target = images().to(DEVICE), torch.randint(0, NUM_CLASSES, (2,), device=DEVICE)
+    loss, grads = train_step_grads(model.train(), x, target)
+    expected_loss, expected_grads = train_step_grads(reference.train(), x, target)
+    _, exact_grads = train_step_grads(exact.train(), x.double(), target)
+    assert_close_relative(loss, expected_loss)
+    for key, grad in grads.items():
+        assert_as_accurate_as(grad, expected_grads[key], exact_grads[key], name=key)
+
+
+@requires_kernels
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_kernels_compile_to_one_graph_for_any_batch_size(training):
+    torch._dynamo.reset()
+    model, reference, exact = (m.train(training) for m in small_model_on_device())
+    graphs_before = counters["stats"]["unique_graphs"]
+    compiler_calls = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=compiler_calls, fullgraph=True, dynamic=True)
+    with torch.set_grad_enabled(training):
+        for batch in (2, 3):
+            x = images(batch).to(DEVICE)
+            logits, expected = compiled(x), reference(x)
+            assert_close_relative(logits, expected)
+            if training:
+                logits.sum().backward()
+                expected.sum().backward()
+                exact(x.double()).sum().backward()
+            if batch == 2:
+                # Dynamo may restart its analysis once (calling the backend again) to specialize floats.
+                calls_for_first_batch = compiler_calls.frame_count
+    assert compiler_calls.frame_count == calls_for_first_batch, "recompiled for a new batch size"
+    assert counters["stats"]["unique_graphs"] - graphs_before == 1
+    if training:
+        expected_params, exact_params = dict(reference.named_parameters()), dict(exact.named_parameters())
+        for key, p in model.named_parameters():
+            assert_as_accurate_as(p.grad, expected_params[key].grad, exact_params[key].grad, name=key)
+
+
+def assert_eval_matches_unfolded(model, x):
+    """The eval-mode output with BatchNorm folded into the kernels equals the plain computation of the
+    model's current state; returns that output."""
+    model.eval()
+    unfolded = set_backend(copy.deepcopy(model), "torch")
+    with torch.no_grad():
+        logits = model(x)
+        assert_close_relative(logits, unfolded(x))
+    return logits
+
+
+@requires_kernels
+def test_eval_folding_matches_unfolded_computation():
+    model, _, _ = small_model_on_device()
+    x = images().to(DEVICE)
+    folded = assert_eval_matches_unfolded(model, x)
+    with torch.enable_grad():  # BatchNorm parameters that need a gradient are not folded
+        assert_close_relative(model(x), folded)
+
+
+@requires_kernels
+def test_eval_folding_follows_batchnorm_state():
+    model, _, _ = small_model_on_device()
+    x, target = images().to(DEVICE), torch.randint(0, NUM_CLASSES, (2,), device=DEVICE)
+    before = assert_eval_matches_unfolded(model, x)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    set_backend(model.train(), "torch")
+    for _ in range(2):
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), target).backward()
+        optimizer.step()
+    set_backend(model, "auto")
+    trained = assert_eval_matches_unfolded(model, x)
+    assert not torch.allclose(trained, before)
+
+    model.load_state_dict(small_model().state_dict())
+    loaded = assert_eval_matches_unfolded(model, x)
+    assert not torch.allclose(loaded, trained)
+
+    with torch.no_grad():
+        model.train()(images(4).to(DEVICE))  # updates the running statistics
+    switched = assert_eval_matches_unfolded(model, x)
+    assert not torch.allclose(switched, loaded)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace.*` is deprecated")
+def test_torch_backend_matches_auto_and_traces():
+    model, _, _ = small_model_on_device()
+    plain = set_backend(copy.deepcopy(model), "torch").cpu().eval()
+    x, other = images(), images()
+    with torch.no_grad():
+        expected = model.eval()(other.to(DEVICE)).cpu()
+        assert_close_relative(plain(other), expected)
+        traced = torch.jit.trace(plain, x)
+        assert_close_relative(traced(other), expected)

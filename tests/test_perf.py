@@ -1,0 +1,198 @@
+"""The benchmark harness: the bytes model's arithmetic, the CLI, a tiny CPU run of perf/run.py and the
+README section made from its results."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from perf import bytes_model, model_bench, readme, report, run
+from perf.accuracy import relative_error
+
+REPO = Path(__file__).resolve().parents[1]
+RESULT_FILES = ("models.csv", "ops.csv", "bytes_model.csv", "report.md", "chart.png", "meta.json")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Bytes model.
+
+
+def test_pass_counts_match_the_floor_of_each_op():
+    assert [bytes_model.OP_PASSES[op](2) for op in ("fuse fwd", "select fwd", "fuse bwd", "select bwd")] == [2, 3, 4, 5]
+    assert bytes_model.OP_PASSES["select bwd"](3) == 7  # dV + 3 branches read, 3 gradients written
+    assert bytes_model.fused_forward_passes(2) == 5
+    # BN + ReLU 8, stack 4, sum 3, mean 1, multiply 4, sum 3
+    assert bytes_model.eager_forward_passes(2) == 23
+    assert bytes_model.op_min_bytes("select fwd", 2, 1000, 2) == 3 * 1000 * 2
+
+
+def test_sknet50_units_at_224():
+    stages = bytes_model.sknet50_stages(224)
+    assert [(s.channels, s.height, s.width, s.units) for s in stages] == [
+        (128, 56, 56, 3), (256, 28, 28, 4), (512, 14, 14, 6), (1024, 7, 7, 3)]
+    assert bytes_model.sknet50_elements_per_image(224) == 2_759_680
+
+
+def test_sknet50_units_match_the_network():
+    timm = pytest.importorskip("timm")
+    shapes = []
+    model = timm.create_model("skresnext50_32x4d").eval()
+    for module in model.modules():
+        if type(module).__name__ == "SelectiveKernel":
+            module.register_forward_hook(lambda m, i, out: shapes.append(tuple(out.shape[1:])))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 36, 36))  # odd sizes along the way: 9, 5, 3, 2
+    expected = [(s.channels, s.height, s.width) for s in bytes_model.sknet50_stages(36) for _ in range(s.units)]
+    assert shapes == expected
+
+
+def test_forward_bytes_table_totals():
+    table = bytes_model.forward_bytes_table(batch=256, element_size=2, image_size=224, copy_gbps=2000.0)
+    total = table.iloc[-1]
+    pass_bytes = 2_759_680 * 256 * 2  # one pass over every SK unit's branch: 1.41 GB
+    assert total["stage"] == "all" and total["units"] == 16
+    assert total["eager MB"] == pytest.approx(23 * pass_bytes / 1e6)
+    assert total["fused MB"] == pytest.approx(5 * pass_bytes / 1e6)
+    assert total["fused ms at copy BW"] == pytest.approx(5 * pass_bytes / 2000e9 * 1e3)
+    first = table.iloc[0]
+    assert first["fused MB/unit"] == pytest.approx(5 * 128 * 56 * 56 * 256 * 2 / 1e6)
+    assert first["eager MB"] == pytest.approx(3 * first["eager MB/unit"])
+    assert "eager ms at copy BW" not in bytes_model.forward_bytes_table(8, 4, 64).columns
+
+
+def test_relative_error():
+    x = torch.randn(1000, dtype=torch.float64)
+    assert relative_error([x], [x]) == 0
+    assert relative_error([2 * x], [x]) == pytest.approx(1)
+    assert relative_error([torch.full_like(x, float("nan"))], [x]) == float("inf")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Command line and rows.
+
+
+def test_cli_defaults_follow_the_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = run.parse_args([])
+    assert (args.device.type, args.dtype, args.image_size, args.batch_inference, args.batch_train, args.threads) == (
+        "cpu", "fp32", 64, 4, 2, 1)
+    assert args.variants == list(model_bench.VARIANT_KEYS) and args.modes == ["inference", "train"]
+    quick = run.parse_args(["--quick", "--dtype", "bf16", "--iters", "7"])
+    assert (quick.dtype, quick.warmup, quick.iters) == ("bf16", run.QUICK_ITERATIONS["cpu"]["warmup"], 7)
+    with pytest.raises(SystemExit):
+        run.parse_args(["--variants", "timm-sk,nonsense"])
+
+
+def test_missing_package_is_skipped_with_its_reason():
+    absent = model_bench.Variant("absent", "no_such_package_here", "net", compiled=False, family="sk")
+    config = model_bench.BenchConfig(torch.device("cpu"), "fp32", True, 32, {"inference": 1}, 0, 1)
+
+    rows = list(model_bench.model_rows([absent], ["inference"], config, lambda variant, mode: None))
+    assert rows[0]["status"] == "skipped" and rows[0]["reason"] == "no_such_package_here is not installed"
+
+
+# --------------------------------------------------------------------------------------------------------
+# A tiny end-to-end run on the CPU.
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("perf")
+    command = [sys.executable, str(REPO / "perf" / "run.py"), "--device", "cpu", "--image-size", "32",
+               "--batch-inference", "2", "--batch-train", "2", "--warmup", "0", "--iters", "2",
+               "--variants", "timm-sk,sknet", "--out", str(out)]
+    pytest.importorskip("timm")
+    pytest.importorskip("matplotlib")
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result.stdout
+
+
+def test_tiny_run_writes_every_file(tiny_run):
+    out, stdout = tiny_run
+    for name in RESULT_FILES:
+        assert (out / name).stat().st_size > 0, name
+    assert "Op table skipped: the Triton kernels need an NVIDIA GPU" in stdout
+    assert "images/s" in stdout
+
+
+def test_tiny_run_models_table(tiny_run):
+    out, _ = tiny_run
+    models = pd.read_csv(out / "models.csv")
+    assert list(models["variant"]) == ["timm-sk", "sknet", "timm-sk", "sknet"]
+    assert list(models["mode"]) == ["inference", "inference", "train", "train"]
+    assert (models["status"] == "ok").all(), models[["row", "status", "reason"]]
+    for column in ("images/s", "ms min", "ms median", "ms max", "logits err", "× timm-sk"):
+        assert models[column].notna().all(), column
+    assert (models["ms min"] <= models["ms median"]).all() and (models["ms median"] <= models["ms max"]).all()
+    assert models["images/s"].tolist() == pytest.approx((2 / models["ms median"] * 1e3).tolist())
+    assert models["logits err"].max() < 1e-3  # float32 on the CPU: rounding only
+    assert models["grads err"].notna().tolist() == [False, False, True, True]
+    assert (models[models["variant"] == "timm-sk"]["× timm-sk"] == 1).all()
+    assert "plain-PyTorch path" in models["row"].iloc[1]
+
+
+def test_tiny_run_stamps(tiny_run):
+    out, _ = tiny_run
+    meta = json.loads((out / "meta.json").read_text())
+    env = meta["environment"]
+    assert env["device"].startswith("CPU") and env["torch"] == torch.__version__
+    assert env["commit"] == report.git_commit()
+    for name in ("models.csv", "ops.csv", "bytes_model.csv"):
+        table = pd.read_csv(out / name)
+        for column in report.STAMP_COLUMNS:
+            assert (table[column].astype(str) == str(env[column])).all(), (name, column)
+    assert pd.read_csv(out / "ops.csv")["reason"].iloc[0].startswith("the Triton kernels need an NVIDIA GPU")
+    markdown = (out / "report.md").read_text()
+    assert report.stamp_line(env) in markdown and "## Bytes model" in markdown
+    assert meta["config"]["batch inference"] == 2 and meta["copy_gbps"] is None
+
+
+def test_readme_section_without_gpu_results(tiny_run):
+    out, _ = tiny_run
+    section = readme.section(out)
+    assert section.startswith(readme.BEGIN) and section.endswith(readme.END)
+    assert "No GPU figures exist yet" in section and f"({out.as_posix()}/report.md)" in section
+    text = "# Title\n\n## Performance\n\n" + readme.BEGIN + "\nold\n" + readme.END + "\n\n## Training\n"
+    updated = readme.updated_readme(text, section)
+    assert updated == "# Title\n\n## Performance\n\n" + section + "\n\n## Training\n"
+    assert readme.updated_readme(updated, section) == updated
+    only_begin = "## Performance\n\n" + readme.BEGIN + "\n\n## Training\n"
+    assert readme.updated_readme(only_begin, section) == "## Performance\n\n" + section + "\n\n## Training\n"
+
+
+def test_readme_section_with_gpu_results(tiny_run, tmp_path):
+    out, _ = tiny_run
+    gpu = tmp_path / "gpu"
+    shutil.copytree(out, gpu)
+    meta = json.loads((gpu / "meta.json").read_text())
+    meta["environment"].update(device="Some GPU", device_type="cuda")
+    meta["copy_gbps"] = 1000.0
+    (gpu / "meta.json").write_text(json.dumps(meta))
+    # An op table as perf/ops.py writes one (these numbers only exercise the formatting).
+    ops_table = pd.DataFrame([{"op": "select fwd", "C×H×W": "128×56×56", "B": 128, "M": 2, "dtype": "bf16",
+                               "layout": "channels_last", "sknet_triton µs": 321.0, "sknet_triton GB/s": 2345.0,
+                               "sknet_triton % copy BW": 78.9, "eager % copy BW": 12.3, "compiled % copy BW": 45.6,
+                               "× vs eager": 6.4, "× vs compiled": 1.73, "status": "ok", "reason": ""}])
+    ops_table.to_csv(gpu / "ops.csv", index=False)
+    section = readme.section(gpu)
+    models = pd.read_csv(gpu / "models.csv")
+    assert "No GPU figures" not in section and "**Some GPU**" in section
+    assert f"| {models['row'].iloc[0]} | inference | 2 | {report.format_number(models['images/s'].iloc[0])} |" in section
+    assert "| select fwd | 128×56×56 | 321 | 2,345 | 78.9 | 12.3 | 45.6 | 6.40 | 1.73 |" in section
+    assert "device-to-device copy at 1000 GB/s" in section and "| all |  | 16 |" in section
+    assert f"({gpu.as_posix()}/chart.png)" in section
+
+
+def test_readme_prefers_gpu_results(tmp_path):
+    for name, device_type, date in (("cpu-new", "cpu", "2030-01-02"), ("gpu-old", "cuda", "2030-01-01")):
+        (tmp_path / name).mkdir()
+        meta = {"environment": {"device_type": device_type, "date": date}}
+        (tmp_path / name / "meta.json").write_text(json.dumps(meta))
+    assert readme.newest_results(tmp_path).name == "gpu-old"
+    (tmp_path / "gpu-old" / "meta.json").unlink()
+    assert readme.newest_results(tmp_path).name == "cpu-new"

@@ -1,0 +1,300 @@
+"""The trainer: its data, checkpoints and collectives in this process; whole runs as the user starts them.
+
+Whole runs go to subprocesses: torchrun needs them, and exit statuses and stderr are part of the
+interface. Their environment drops TRITON_INTERPRET (tests/conftest.py sets it for this process, where
+it runs the kernels one program at a time, far too slowly to train with), so the models take their
+plain-PyTorch CPU path; the kernels have tests of their own.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing
+
+from sknet_triton.training import checkpoint, distributed
+from sknet_triton.training.data import SYNTHETIC_CLASSES, EpochSeeded, ShardSampler, SyntheticScales
+from sknet_triton.training.errors import CheckpointError
+from sknet_triton.training.loop import warmup_cosine
+from sknet_triton.training.options import build_parser
+from sknet_triton.training.report import CSV_FILENAME
+
+TINY = ("--model", "sknet_tiny", "--data", "synthetic", "--img-size", "32")
+TIMING_COLUMNS = ("images_per_s", "epoch_s")
+
+
+def run_trainer(*args: str, processes: int | None = None) -> subprocess.CompletedProcess:
+    """``python -m sknet_triton.train ARGS``, or under torchrun with ``processes`` processes; on the CPU."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path: deterministic, and gloo for any number of processes
+    # One compute thread per process: OpenMP threads that wait on each other crawl when the cores are
+    # shared (with a loader worker, another rank, other jobs).
+    env["OMP_NUM_THREADS"] = "1"
+    if processes is None:
+        command = [sys.executable, "-m", "sknet_triton.train"]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                   "-m", "sknet_triton.train"]
+    return subprocess.run(command + list(args), env=env, capture_output=True, text=True, timeout=600)
+
+
+def read_log(output) -> list[dict]:
+    with open(os.path.join(output, CSV_FILENAME), newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sknet_triton.train: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Whole runs.
+
+
+def test_learns_the_synthetic_scales(tmp_path):
+    # About 97 % after 5 epochs of 2048 images (above 96 % for seeds 0 to 2); a loader worker makes the
+    # images on the second core while the first trains.
+    output = tmp_path / "run"
+    result = run_trainer(
+        *TINY, "--synthetic-size", "2048", "--epochs", "5", "--batch-size", "32", "--lr", "0.1",
+        "--warmup-epochs", "1", "--workers", "1", "--output", str(output),
+    )
+    assert result.returncode == 0, result.stderr
+    log = read_log(output)
+    curve = [round(float(row["val_top1"]), 1) for row in log]
+    print("val top-1 per epoch:", curve)
+    assert [int(row["epoch"]) for row in log] == [1, 2, 3, 4, 5]
+    assert curve[-1] > 90.0
+    assert "epoch 5/5" in result.stdout and "val top-1" in result.stdout
+
+
+def test_two_processes_hold_identical_weights(tmp_path):
+    # 32 images, 2 processes, batch 8: two steps each.
+    output = tmp_path / "run"
+    result = run_trainer(
+        *TINY, "--synthetic-size", "32", "--epochs", "1", "--batch-size", "8", "--workers", "0", "--output", str(output),
+        processes=2,
+    )
+    assert result.returncode == 0, result.stderr
+    # The trainer compares every parameter and buffer across processes after each epoch (see
+    # test_replicas_identical_tells_processes_apart) and fails the run if any differs.
+    assert "weights identical on all 2 processes" in result.stdout
+    assert result.stdout.count("epoch 1/1  lr") == 1  # only rank 0 reports
+    state = checkpoint.load(str(output / checkpoint.FILENAME))
+    assert state["epoch"] == 1 and state["settings"]["world_size"] == 2 and len(state["rng"]) == 2
+
+
+RESUME_RUN = (*TINY, "--synthetic-size", "256", "--epochs", "3", "--batch-size", "32", "--lr", "0.1", "--warmup-epochs", "1")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory):
+    output = tmp_path_factory.mktemp("uninterrupted")
+    result = run_trainer(*RESUME_RUN, "--workers", "0", "--output", str(output))
+    assert result.returncode == 0, result.stderr
+    return output
+
+
+def test_stop_and_resume_equals_an_uninterrupted_run(uninterrupted_run, tmp_path):
+    output = tmp_path / "run"
+    # A loader worker this time: data order and augmentation depend on (seed, epoch) only.
+    first = run_trainer(*RESUME_RUN, "--workers", "1", "--output", str(output), "--stop-after-epoch", "1")
+    assert first.returncode == 0, first.stderr
+    assert checkpoint.load(str(output / checkpoint.FILENAME))["epoch"] == 1
+    second = run_trainer(*RESUME_RUN, "--workers", "1", "--output", str(output), "--resume")
+    assert second.returncode == 0, second.stderr
+    assert "resuming after epoch 1" in second.stdout
+
+    expected = checkpoint.load(str(uninterrupted_run / checkpoint.FILENAME))
+    resumed = checkpoint.load(str(output / checkpoint.FILENAME))
+    assert resumed["epoch"] == expected["epoch"] == 3
+    for name, tensor in expected["model"].items():
+        assert torch.equal(resumed["model"][name], tensor), name
+    for index, buffers in expected["optimizer"]["state"].items():
+        assert torch.equal(resumed["optimizer"]["state"][index]["momentum_buffer"], buffers["momentum_buffer"])
+    assert resumed["scheduler"]["last_epoch"] == expected["scheduler"]["last_epoch"]
+
+    def metrics(log):
+        return [{key: value for key, value in row.items() if key not in TIMING_COLUMNS} for row in log]
+
+    assert metrics(read_log(output)) == metrics(read_log(uninterrupted_run))
+
+
+def test_a_checkpoint_of_another_model_is_refused(uninterrupted_run):
+    result = run_trainer(*RESUME_RUN, "--model", "skresnet18", "--output", str(uninterrupted_run), "--resume")
+    assert_one_line_error(result, "different run", "model 'sknet_tiny' there, 'skresnet18' here")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_a_corrupt_or_missing_checkpoint_is_one_line_error(uninterrupted_run, tmp_path, damage):
+    path = tmp_path / checkpoint.FILENAME
+    if damage == "truncated":
+        path.write_bytes((uninterrupted_run / checkpoint.FILENAME).read_bytes()[:5000])
+    result = run_trainer(*RESUME_RUN, "--output", str(tmp_path), "--resume")
+    assert_one_line_error(result, str(path), "corrupt" if damage == "truncated" else "no checkpoint")
+
+
+def test_an_existing_checkpoint_is_not_overwritten_without_resume(uninterrupted_run):
+    result = run_trainer(*RESUME_RUN, "--output", str(uninterrupted_run))
+    assert_one_line_error(result, "exists", "--resume")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Checkpoint files.
+
+
+def test_checkpoint_load_refuses_what_is_not_a_checkpoint(tmp_path):
+    path = str(tmp_path / checkpoint.FILENAME)
+    checkpoint.save(path, {"epoch": 1, "weights": torch.ones(1000)})
+    assert checkpoint.load(path)["epoch"] == 1
+    whole = open(path, "rb").read()
+    for content in (whole[: len(whole) // 2], b"not a checkpoint", b""):
+        with open(path, "wb") as file:
+            file.write(content)
+        with pytest.raises(CheckpointError, match="corrupt or not a checkpoint"):
+            checkpoint.load(path)
+    torch.save({"fc.weight": torch.ones(2)}, path)  # a bare state dict
+    with pytest.raises(CheckpointError, match="not a checkpoint of sknet_triton.train"):
+        checkpoint.load(path)
+
+
+def test_an_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = str(tmp_path / checkpoint.FILENAME)
+    checkpoint.save(path, {"epoch": 1})
+
+    def dies_halfway(state, file):
+        file.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(path, {"epoch": 2})
+    monkeypatch.undo()
+    assert checkpoint.load(path)["epoch"] == 1
+    assert os.listdir(tmp_path) == [checkpoint.FILENAME]  # no temporary file left behind
+
+
+def test_check_same_run_names_every_difference():
+    saved = {"model": "sknet_tiny", "num_classes": 8, "lr": 0.1}
+    checkpoint.check_same_run("ckpt", saved, dict(saved), ["model", "num_classes", "lr"])
+    with pytest.raises(CheckpointError, match="num_classes 8 there, 10 here; lr 0.1 there, 0.2 here"):
+        checkpoint.check_same_run("ckpt", saved, {**saved, "num_classes": 10, "lr": 0.2}, ["model", "num_classes", "lr"])
+
+
+# --------------------------------------------------------------------------------------------------------
+# Data.
+
+
+def test_synthetic_images_are_a_function_of_seed_and_index():
+    a, b = SyntheticScales(32, 32, seed=3, train=True), SyntheticScales(32, 32, seed=3, train=True)
+    image, label = a[5]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and label == 5 % SYNTHETIC_CLASSES
+    assert torch.equal(image, b[5][0])
+    assert not torch.equal(image, SyntheticScales(32, 32, seed=4, train=True)[5][0])
+    assert not torch.equal(image, a[5 + SYNTHETIC_CLASSES][0])  # another image of the same class
+    batch = torch.stack([a[i][0] for i in range(32)])
+    assert abs(batch.mean()) < 0.3 and 0.5 < batch.std() < 2
+
+
+def test_synthetic_views_change_with_the_epoch_in_training_only():
+    train = SyntheticScales(8, 32, seed=0, train=True)
+    val = SyntheticScales(8, 32, seed=0, train=False)
+    views = {}
+    for epoch in range(4):
+        train.set_epoch(epoch)
+        val.set_epoch(epoch)
+        views[epoch] = train[1][0]
+        assert torch.equal(val[1][0], SyntheticScales(8, 32, seed=0, train=False)[1][0])
+    assert len({tuple(view.flatten()[:8].tolist()) for view in views.values()}) > 1
+    train.set_epoch(2)
+    assert torch.equal(train[1][0], views[2])
+
+
+def test_synthetic_classes_differ_in_scale():
+    """The power spectrum's mean frequency falls from each class to the next (longer wavelengths)."""
+    dataset = SyntheticScales(SYNTHETIC_CLASSES * 8, 32, seed=0, train=False)
+    images, labels = zip(*(dataset[index] for index in range(len(dataset))))
+    gray = torch.stack(images).mean(dim=1)  # [N, 32, 32]
+    power = torch.fft.rfft2(gray - gray.mean(dim=(1, 2), keepdim=True)).abs() ** 2
+    radius = torch.sqrt(torch.fft.fftfreq(32)[:, None] ** 2 + torch.fft.rfftfreq(32)[None, :] ** 2)
+    image_frequency = (power * radius).sum(dim=(1, 2)) / power.sum(dim=(1, 2))  # [N], cycles per pixel
+    mean_frequency = torch.zeros(SYNTHETIC_CLASSES).index_add_(0, torch.tensor(labels), image_frequency) / 8
+    assert (mean_frequency[1:] < mean_frequency[:-1]).all(), mean_frequency
+
+
+def test_epoch_seeded_augmentation_is_reproducible():
+    random_view = EpochSeeded(_RandomItems(), seed=0)
+    first = random_view[2]
+    assert torch.equal(random_view[2], first)
+    random_view.set_epoch(1)
+    assert not torch.equal(random_view[2], first)
+
+
+class _RandomItems:
+    """Each item a draw from torch's global generator, as torchvision's random transforms make."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        return torch.rand(3)
+
+
+def test_shard_sampler_covers_every_index_once():
+    shards = [list(ShardSampler(10, rank, 3)) for rank in range(3)]
+    assert sorted(sum(shards, [])) == list(range(10))
+    assert [len(ShardSampler(10, rank, 3)) for rank in range(3)] == [4, 3, 3]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Schedule, options, collectives.
+
+
+def test_warmup_then_cosine():
+    factor = warmup_cosine(warmup_steps=4, total_steps=12)
+    assert [factor(step) for step in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    decay = [factor(step) for step in range(4, 13)]
+    assert decay[0] == 1.0 and decay[-1] == pytest.approx(0.0, abs=1e-12)
+    assert all(later < earlier for earlier, later in zip(decay, decay[1:]))
+
+
+def test_help_documents_every_option():
+    text = build_parser().format_help()
+    for option in ("--model", "--data", "--img-size", "--epochs", "--batch-size", "--lr", "--weight-decay", "--amp",
+                   "--channels-last", "--compile", "--sync-bn", "--workers", "--output", "--resume", "--seed",
+                   "--synthetic-size"):
+        assert option in text
+
+
+def _compare_replicas(rank: int, port: int, world_size: int) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        context = distributed.Context(rank=rank, local_rank=rank, world_size=world_size, device=torch.device("cpu"))
+        model = torch.nn.BatchNorm2d(3)
+        assert distributed.replicas_identical(context, model)
+        if rank == 1:
+            with torch.no_grad():
+                model.weight[2] += 1e-7  # one value, in the last bits
+        assert not distributed.replicas_identical(context, model)
+        model.running_mean.fill_(float(rank))
+        distributed.broadcast_buffers(context, model)
+        assert torch.equal(model.running_mean, torch.zeros(3))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_replicas_identical_tells_processes_apart():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.multiprocessing.start_processes(_compare_replicas, args=(port, 2), nprocs=2, start_method="fork")
