@@ -11,7 +11,7 @@ reaches a kernel (see sknet_triton.ops).
 import triton
 import triton.language as tl
 
-from .tile import affine_params, load_branch, program_tile, tile_mask, tile_offsets
+from .tile import at_image, load_branch, program_tile, prologue_params, tile_mask, tile_offsets
 
 
 @triton.jit
@@ -25,16 +25,12 @@ def sk_fuse_fwd_kernel(
 ):
     b, split, c, c_mask, hw_lo, hw_hi = program_tile(C, HW, chunk, BLOCK_C)
     offs, hw_step = tile_offsets(c, C, HW, CHANNELS_LAST, BLOCK_HW)
-    scale0, bias0 = affine_params(scale_ptr, bias_ptr, 0, c, c_mask, C, AFFINE)
-    scale1, bias1 = affine_params(scale_ptr, bias_ptr, 1, c, c_mask, C, AFFINE)
-    scale2, bias2 = affine_params(scale_ptr, bias_ptr, 2 % M, c, c_mask, C, AFFINE)
-    scale3, bias3 = affine_params(scale_ptr, bias_ptr, 3 % M, c, c_mask, C, AFFINE)
+    scale0, bias0, scale1, bias1, scale2, bias2, scale3, bias3 = prologue_params(
+        scale_ptr, bias_ptr, c, c_mask, C, M, AFFINE
+    )
 
     image = b * stride_u
-    u0_ptr += image
-    u1_ptr += image
-    u2_ptr += image
-    u3_ptr += image
+    u0_ptr, u1_ptr, u2_ptr, u3_ptr = at_image(u0_ptr, u1_ptr, u2_ptr, u3_ptr, image)
 
     acc = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
     for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
@@ -71,20 +67,13 @@ def sk_fuse_bwd_kernel(
     b, split, c, c_mask, hw_lo, hw_hi = program_tile(C, HW, chunk, BLOCK_C)
     offs, hw_step = tile_offsets(c, C, HW, CHANNELS_LAST, BLOCK_HW)
     grad = tl.load(ds_ptr + b * C + c, mask=c_mask, other=0.0) * inv_hw
-    scale0, bias0 = affine_params(scale_ptr, bias_ptr, 0, c, c_mask, C, AFFINE)
-    scale1, bias1 = affine_params(scale_ptr, bias_ptr, 1, c, c_mask, C, AFFINE)
-    scale2, bias2 = affine_params(scale_ptr, bias_ptr, 2 % M, c, c_mask, C, AFFINE)
-    scale3, bias3 = affine_params(scale_ptr, bias_ptr, 3 % M, c, c_mask, C, AFFINE)
+    scale0, bias0, scale1, bias1, scale2, bias2, scale3, bias3 = prologue_params(
+        scale_ptr, bias_ptr, c, c_mask, C, M, AFFINE
+    )
 
     image, grad_image = b * stride_u, b * stride_du
-    u0_ptr += image
-    u1_ptr += image
-    u2_ptr += image
-    u3_ptr += image
-    du0_ptr += grad_image
-    du1_ptr += grad_image
-    du2_ptr += grad_image
-    du3_ptr += grad_image
+    u0_ptr, u1_ptr, u2_ptr, u3_ptr = at_image(u0_ptr, u1_ptr, u2_ptr, u3_ptr, image)
+    du0_ptr, du1_ptr, du2_ptr, du3_ptr = at_image(du0_ptr, du1_ptr, du2_ptr, du3_ptr, grad_image)
 
     for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
         mask = tile_mask(c_mask, hw0, hw_hi, BLOCK_HW)

@@ -10,7 +10,7 @@ kernel sums the partials and applies the softmax backward, dlogits = a * (g - su
 import triton
 import triton.language as tl
 
-from .tile import affine_params, load_branch, program_tile, softmax_weights, tile_mask, tile_offsets
+from .tile import at_image, load_branch, program_tile, prologue_params, softmax_weights, tile_mask, tile_offsets
 
 
 @triton.jit
@@ -39,19 +39,15 @@ def sk_select_fwd_kernel(
     a0, a1, a2, a3 = softmax_weights(logits_ptr, b, c, c_mask, C, M)
     # a * relu(scale * U + bias) = relu(a * scale * U + a * bias) as a >= 0: the softmax weight joins the
     # prologue, and each branch keeps two per-channel vectors instead of three.
-    scale0, bias0 = affine_params(scale_ptr, bias_ptr, 0, c, c_mask, C, AFFINE)
-    scale1, bias1 = affine_params(scale_ptr, bias_ptr, 1, c, c_mask, C, AFFINE)
-    scale2, bias2 = affine_params(scale_ptr, bias_ptr, 2 % M, c, c_mask, C, AFFINE)
-    scale3, bias3 = affine_params(scale_ptr, bias_ptr, 3 % M, c, c_mask, C, AFFINE)
+    scale0, bias0, scale1, bias1, scale2, bias2, scale3, bias3 = prologue_params(
+        scale_ptr, bias_ptr, c, c_mask, C, M, AFFINE
+    )
     scale0, bias0 = a0 * scale0, a0 * bias0
     scale1, bias1 = a1 * scale1, a1 * bias1
     scale2, bias2 = a2 * scale2, a2 * bias2
     scale3, bias3 = a3 * scale3, a3 * bias3
     image = b * stride_u
-    u0_ptr += image
-    u1_ptr += image
-    u2_ptr += image
-    u3_ptr += image
+    u0_ptr, u1_ptr, u2_ptr, u3_ptr = at_image(u0_ptr, u1_ptr, u2_ptr, u3_ptr, image)
     out_ptr += b * stride_out
 
     for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
@@ -91,24 +87,17 @@ def sk_select_bwd_kernel(
     b, split, c, c_mask, hw_lo, hw_hi = program_tile(C, HW, chunk, BLOCK_C)
     offs, hw_step = tile_offsets(c, C, HW, CHANNELS_LAST, BLOCK_HW)
     a0, a1, a2, a3 = softmax_weights(logits_ptr, b, c, c_mask, C, M)
-    scale0, bias0 = affine_params(scale_ptr, bias_ptr, 0, c, c_mask, C, AFFINE)
-    scale1, bias1 = affine_params(scale_ptr, bias_ptr, 1, c, c_mask, C, AFFINE)
-    scale2, bias2 = affine_params(scale_ptr, bias_ptr, 2 % M, c, c_mask, C, AFFINE)
-    scale3, bias3 = affine_params(scale_ptr, bias_ptr, 3 % M, c, c_mask, C, AFFINE)
+    scale0, bias0, scale1, bias1, scale2, bias2, scale3, bias3 = prologue_params(
+        scale_ptr, bias_ptr, c, c_mask, C, M, AFFINE
+    )
 
     g0 = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
     g1 = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
     g2 = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
     g3 = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
     image, grad_image = b * stride_u, b * stride_du
-    u0_ptr += image
-    u1_ptr += image
-    u2_ptr += image
-    u3_ptr += image
-    du0_ptr += grad_image
-    du1_ptr += grad_image
-    du2_ptr += grad_image
-    du3_ptr += grad_image
+    u0_ptr, u1_ptr, u2_ptr, u3_ptr = at_image(u0_ptr, u1_ptr, u2_ptr, u3_ptr, image)
+    du0_ptr, du1_ptr, du2_ptr, du3_ptr = at_image(du0_ptr, du1_ptr, du2_ptr, du3_ptr, grad_image)
     dv_ptr += b * stride_dv
 
     for hw0 in range(hw_lo, hw_hi, BLOCK_HW):

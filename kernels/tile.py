@@ -46,8 +46,7 @@ def tile_mask(c_mask, hw0, hw_hi, BLOCK_HW: tl.constexpr):
 
 
 @triton.jit
-def affine_params(scale_ptr, bias_ptr, m, c, c_mask, C, AFFINE: tl.constexpr):
-    """Branch m's per-channel prologue scale and bias (float32 [BLOCK_C]; 1 and 0 without AFFINE)."""
+def _affine_params(scale_ptr, bias_ptr, m, c, c_mask, C, AFFINE: tl.constexpr):
     if AFFINE:
         scale = tl.load(scale_ptr + m * C + c, mask=c_mask, other=0.0)
         bias = tl.load(bias_ptr + m * C + c, mask=c_mask, other=0.0)
@@ -55,6 +54,23 @@ def affine_params(scale_ptr, bias_ptr, m, c, c_mask, C, AFFINE: tl.constexpr):
         scale = tl.full(c.shape, 1.0, tl.float32)
         bias = tl.zeros(c.shape, tl.float32)
     return scale, bias
+
+
+@triton.jit
+def prologue_params(scale_ptr, bias_ptr, c, c_mask, C, M: tl.constexpr, AFFINE: tl.constexpr):
+    """Each branch's per-channel prologue scale and bias: eight float32 [BLOCK_C] vectors, (scale0, bias0,
+    ..., scale3, bias3); 1 and 0 without AFFINE. Branches m >= M repeat an earlier one and go unused."""
+    scale0, bias0 = _affine_params(scale_ptr, bias_ptr, 0, c, c_mask, C, AFFINE)
+    scale1, bias1 = _affine_params(scale_ptr, bias_ptr, 1, c, c_mask, C, AFFINE)
+    scale2, bias2 = _affine_params(scale_ptr, bias_ptr, 2 % M, c, c_mask, C, AFFINE)
+    scale3, bias3 = _affine_params(scale_ptr, bias_ptr, 3 % M, c, c_mask, C, AFFINE)
+    return scale0, bias0, scale1, bias1, scale2, bias2, scale3, bias3
+
+
+@triton.jit
+def at_image(p0, p1, p2, p3, offset):
+    """The four branch pointers moved by ``offset`` elements, to one image."""
+    return p0 + offset, p1 + offset, p2 + offset, p3 + offset
 
 
 @triton.jit
