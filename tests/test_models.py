@@ -244,6 +244,25 @@ def test_kernels_compile_to_one_graph_for_any_batch_size(training):
             assert_as_accurate_as(p.grad, expected_params[key].grad, exact_params[key].grad, name=key)
 
 
+@requires_kernels
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_through_the_kernels(dtype, training):
+    model, reference, exact = (m.train(training) for m in small_model_on_device())
+    x = images().to(DEVICE)
+    with torch.set_grad_enabled(training):
+        with torch.autocast(DEVICE.type, dtype=dtype):
+            logits, baseline = model(x), reference(x)
+        expected = exact(x.double())
+    assert logits.dtype == dtype
+    # Half-precision rounding is amplified by training-mode BatchNorm over a small batch, so the kernels
+    # are held to the accuracy of plain PyTorch under the same autocast, both measured against float64.
+    assert_as_accurate_as(logits, baseline, expected, name="logits")
+    if training:
+        logits.float().sum().backward()
+        assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+
+
 def assert_eval_matches_unfolded(model, x):
     """The eval-mode output with BatchNorm folded into the kernels equals the plain computation of the
     model's current state; returns that output."""
