@@ -79,7 +79,6 @@ def copy_bandwidth(device: torch.device, quick: bool = False) -> float:
     target = torch.empty_like(source)
     warmup, rep = BENCH_MS[quick]
     ms = do_bench(lambda: target.copy_(source), warmup=warmup, rep=rep, return_mode="median")
-    del source, target
     return 2 * COPY_BYTES / ms / 1e6
 
 

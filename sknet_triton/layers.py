@@ -6,7 +6,6 @@ weights load unchanged.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -15,7 +14,8 @@ from torch import Tensor, nn
 from sknet_triton import ops, reference
 
 __all__ = [
-    "SKConv", "SKAttention", "SKBranch", "set_backend", "make_divisible", "paper_attn_width", "timm_attn_width", "BACKENDS",
+    "SKConv", "SKAttention", "SKBranch", "set_backend", "make_divisible", "paper_attn_width", "timm_attn_width",
+    "BACKENDS",
 ]
 
 # "auto": the Triton kernels where ops.uses_triton() says so, the plain-PyTorch reference elsewhere.
@@ -232,7 +232,10 @@ class SKConv(nn.Module):
         return torch.stack(scales), torch.stack(biases)
 
     def extra_repr(self) -> str:
-        return f"in_channels={self.in_channels}, out_channels={self.out_channels}, M={self.num_paths}, backend={self.backend!r}"
+        return (
+            f"in_channels={self.in_channels}, out_channels={self.out_channels}, M={self.num_paths}, "
+            f"backend={self.backend!r}"
+        )
 
 
 def set_backend(model: nn.Module, backend: str) -> nn.Module:

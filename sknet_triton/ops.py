@@ -51,8 +51,9 @@ def _check_float(name: str, op: str, t: Tensor) -> None:
         raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
 
 
-def _check_branches(op: str, branches: Branches) -> list[Tensor]:
-    """The branches as the custom ops take them: M 4-D tensors, or one 5-D stacked tensor."""
+def _check_branches(op: str, branches: Branches) -> tuple[list[Tensor], list[Tensor]]:
+    """The branches as the custom ops take them (M 4-D tensors, or one 5-D stacked tensor), and the M
+    4-D branch tensors."""
     if isinstance(branches, Tensor):
         if branches.dim() != 5:
             raise ValueError(
@@ -89,7 +90,7 @@ def _check_branches(op: str, branches: Branches) -> list[Tensor]:
     if C * H * W >= MAX_IMAGE_ELEMENTS:
         # The batch may be any size; offsets within one image are 32-bit in the kernels.
         raise ValueError(f"{op}: one image of a branch (C*H*W = {C * H * W}) must hold fewer than 2**31 elements")
-    return tensors
+    return tensors, views
 
 
 def _check_param(op: str, name: str, t: Optional[Tensor], shape, device) -> None:
@@ -109,9 +110,11 @@ def _check_param(op: str, name: str, t: Optional[Tensor], shape, device) -> None
         )
 
 
-def _check_inputs(op: str, branches: Branches, logits: Optional[Tensor], scale, bias, relu) -> list[Tensor]:
-    tensors = _check_branches(op, branches)
-    views = branch_views(tensors)
+def _check_inputs(
+    op: str, branches: Branches, logits: Optional[Tensor], scale, bias, relu
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Every check of one call; returns what :func:`_check_branches` does."""
+    tensors, views = _check_branches(op, branches)
     B, C = views[0].shape[:2]
     M, device = len(views), views[0].device
     if logits is not None:
@@ -126,14 +129,16 @@ def _check_inputs(op: str, branches: Branches, logits: Optional[Tensor], scale, 
     _check_param(op, "bias", bias, (M, C), device)
     if not isinstance(relu, bool):
         raise TypeError(f"{op}: relu must be a bool, got {type(relu).__name__}")
-    return tensors
+    return tensors, views
 
 
 # --------------------------------------------------------------------------------------------------------
 # Public operations.
 
 
-def sk_fuse(branches: Branches, scale: Optional[Tensor] = None, bias: Optional[Tensor] = None, relu: bool = False) -> Tensor:
+def sk_fuse(
+    branches: Branches, scale: Optional[Tensor] = None, bias: Optional[Tensor] = None, relu: bool = False
+) -> Tensor:
     """Fuse: the global average pool of the sum of the branches.
 
     Args:
@@ -146,10 +151,10 @@ def sk_fuse(branches: Branches, scale: Optional[Tensor] = None, bias: Optional[T
     Returns:
         ``s`` [B, C], float32: ``mean over (h, w) of sum over m of P_m``, accumulated in float32.
     """
-    tensors = _check_inputs("sk_fuse", branches, None, scale, bias, relu)
-    if uses_triton(tensors[0].device):
+    tensors, views = _check_inputs("sk_fuse", branches, None, scale, bias, relu)
+    if uses_triton(views[0].device):
         return torch.ops.sknet_triton.sk_fuse(tensors, scale, bias, relu)
-    return reference.sk_fuse(branch_views(tensors), scale, bias, relu)
+    return reference.sk_fuse(views, scale, bias, relu)
 
 
 def sk_select(
@@ -171,10 +176,10 @@ def sk_select(
         [B, C, H, W] in the branches' dtype and memory format:
         ``sum over m of softmax(logits, dim=1)[:, m, :, None, None] * P_m``, computed in float32.
     """
-    tensors = _check_inputs("sk_select", branches, logits, scale, bias, relu)
-    if uses_triton(tensors[0].device):
+    tensors, views = _check_inputs("sk_select", branches, logits, scale, bias, relu)
+    if uses_triton(views[0].device):
         return torch.ops.sknet_triton.sk_select(tensors, logits, scale, bias, relu)
-    return reference.sk_select(branch_views(tensors), logits, scale, bias, relu)
+    return reference.sk_select(views, logits, scale, bias, relu)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -284,7 +289,8 @@ def _sk_select_backward_op(
 
 @_sk_select_backward_op.register_fake
 def _(grad_out, branches, logits, scale, bias, relu):
-    return empty_branch_grads(branches, kernel_layout(branches)) + [torch.empty_like(logits, memory_format=torch.contiguous_format)]
+    dlogits = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    return empty_branch_grads(branches, kernel_layout(branches)) + [dlogits]
 
 
 def _select_setup_context(ctx, inputs, output):

@@ -6,7 +6,7 @@ stay small. Every test poisons fresh allocations with NaN before the kernels run
 import pytest
 import torch
 
-from sknet_triton import launch, layout, ops, reference
+from sknet_triton import launch, layout, ops
 from tests.helpers import DEVICE, requires_kernels
 from tests.ops_inputs import (
     PROLOGUES,
