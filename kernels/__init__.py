@@ -1,15 +1,16 @@
 """Triton device code for the Selective Kernel fuse and select operations.
 
-Only ``@triton.jit`` functions live here; launch parameters, validation and autograd are in
-``sknet_triton.launch`` and ``sknet_triton.ops``.
+Only ``@triton.jit`` functions (and the facts their signatures fix) live here; launch parameters,
+validation and autograd are in ``sknet_triton.launch`` and ``sknet_triton.ops``.
 """
 from .fuse import sk_fuse_bwd_kernel, sk_fuse_fwd_kernel
-from .select import sk_select_bwd_kernel, sk_select_fwd_kernel, sk_select_logits_bwd_kernel
+from .select import sk_select_bwd_kernel, sk_select_fwd_kernel
+from .tile import MAX_BRANCHES
 
 __all__ = [
+    "MAX_BRANCHES",
     "sk_fuse_fwd_kernel",
     "sk_fuse_bwd_kernel",
     "sk_select_fwd_kernel",
     "sk_select_bwd_kernel",
-    "sk_select_logits_bwd_kernel",
 ]

@@ -1,8 +1,8 @@
 """Fuse: s[b, c] = mean over hw of sum over m of P_m[b, c, hw].
 
-Forward reads the M branches once (the bytes floor) and writes one float32 partial sum per program;
-a chunked H*W gives enough programs to fill the GPU when B * C is small, and the partials of the
-chunks are summed on the host side (a [B, splits, C] tensor, tiny next to the branches).
+Forward reads the M branches once (the bytes floor). Each program adds its chunk's share of s into the
+zeroed float32 output with one atomic add per channel, so a chunked H*W (enough programs to fill the
+GPU when B * C is small) needs no second pass over partial sums.
 
 Backward with a ReLU prologue needs the branches again for the mask [P_m > 0]:
 dU_m = ds[b, c] / HW * scale[m, c] * [P_m > 0]. Without ReLU the gradient is a broadcast and never
@@ -18,19 +18,18 @@ from .tile import at_image, load_branch, program_tile, prologue_params, tile_mas
 def sk_fuse_fwd_kernel(
     u0_ptr, u1_ptr, u2_ptr, u3_ptr,  # branches [B, C, H, W]; u2/u3 are read only when M > 2/3
     scale_ptr, bias_ptr,  # float32 [M, C], read when AFFINE
-    partial_ptr,  # float32 [B, num_splits, C] out: this chunk's share of s
-    C, HW, stride_u, chunk, inv_hw,
-    M: tl.constexpr, AFFINE: tl.constexpr, RELU: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    s_ptr,  # float32 [B, C], zeroed: each program adds its chunk's share
+    C, HW, stride_u, chunk,
+    M: tl.constexpr, AFFINE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    RELU: tl.constexpr,
 ):
-    b, split, c, c_mask, hw_lo, hw_hi = program_tile(C, HW, chunk, BLOCK_C)
+    b, c, c_mask, hw_lo, hw_hi = program_tile(C, HW, chunk, BLOCK_C)
     offs, hw_step = tile_offsets(c, C, HW, CHANNELS_LAST, BLOCK_HW)
     scale0, bias0, scale1, bias1, scale2, bias2, scale3, bias3 = prologue_params(
         scale_ptr, bias_ptr, c, c_mask, C, M, AFFINE
     )
-
-    image = b * stride_u
-    u0_ptr, u1_ptr, u2_ptr, u3_ptr = at_image(u0_ptr, u1_ptr, u2_ptr, u3_ptr, image)
+    u0_ptr, u1_ptr, u2_ptr, u3_ptr = at_image(u0_ptr, u1_ptr, u2_ptr, u3_ptr, b * stride_u)
 
     acc = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
     for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
@@ -43,8 +42,7 @@ def sk_fuse_fwd_kernel(
         if M > 3:
             acc += load_branch(u3_ptr + at, mask, scale3, bias3, AFFINE, RELU)
 
-    s = tl.sum(acc, axis=1) * inv_hw
-    tl.store(partial_ptr + (b * tl.num_programs(2) + split) * C + c, s, mask=c_mask)
+    tl.atomic_add(s_ptr + b * C + c, tl.sum(acc, axis=1) / HW, mask=c_mask)
 
 
 @triton.jit
@@ -56,24 +54,23 @@ def _relu_grad(du_ptrs, u_ptrs, mask, grad, scale, bias, AFFINE: tl.constexpr):
 
 @triton.jit
 def sk_fuse_bwd_kernel(
-    ds_ptr,  # float32 [B, C]: gradient of s
     u0_ptr, u1_ptr, u2_ptr, u3_ptr,  # branches, as in the forward
     scale_ptr, bias_ptr,
+    ds_ptr,  # float32 [B, C]: gradient of s
     du0_ptr, du1_ptr, du2_ptr, du3_ptr,  # out: branch gradients, each with batch stride stride_du
-    C, HW, stride_u, stride_du, chunk, inv_hw,
+    stride_du,
+    C, HW, stride_u, chunk,
     M: tl.constexpr, AFFINE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    b, split, c, c_mask, hw_lo, hw_hi = program_tile(C, HW, chunk, BLOCK_C)
+    b, c, c_mask, hw_lo, hw_hi = program_tile(C, HW, chunk, BLOCK_C)
     offs, hw_step = tile_offsets(c, C, HW, CHANNELS_LAST, BLOCK_HW)
-    grad = tl.load(ds_ptr + b * C + c, mask=c_mask, other=0.0) * inv_hw
+    grad = tl.load(ds_ptr + b * C + c, mask=c_mask, other=0.0) / HW
     scale0, bias0, scale1, bias1, scale2, bias2, scale3, bias3 = prologue_params(
         scale_ptr, bias_ptr, c, c_mask, C, M, AFFINE
     )
-
-    image, grad_image = b * stride_u, b * stride_du
-    u0_ptr, u1_ptr, u2_ptr, u3_ptr = at_image(u0_ptr, u1_ptr, u2_ptr, u3_ptr, image)
-    du0_ptr, du1_ptr, du2_ptr, du3_ptr = at_image(du0_ptr, du1_ptr, du2_ptr, du3_ptr, grad_image)
+    u0_ptr, u1_ptr, u2_ptr, u3_ptr = at_image(u0_ptr, u1_ptr, u2_ptr, u3_ptr, b * stride_u)
+    du0_ptr, du1_ptr, du2_ptr, du3_ptr = at_image(du0_ptr, du1_ptr, du2_ptr, du3_ptr, b * stride_du)
 
     for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
         mask = tile_mask(c_mask, hw0, hw_hi, BLOCK_HW)

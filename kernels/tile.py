@@ -1,28 +1,35 @@
-"""Device helpers shared by the fuse and select kernels.
+"""Device helpers shared by every kernel over the branches.
+
+Every kernel takes the same leading arguments, the branches as four pointers ``u0_ptr .. u3_ptr`` (those
+of branches m >= M repeat another and are never read) and the prologue's ``scale_ptr, bias_ptr``, and
+the same trailing ones, ``C, HW, stride_u, chunk`` and the constexprs ``M, AFFINE, CHANNELS_LAST,
+BLOCK_C, BLOCK_HW``; its own tensors and flags sit between and after them.
 
 Every kernel walks the same work decomposition: one program per (image b, block of BLOCK_C channels,
 chunk of the H*W positions), visiting its chunk in [BLOCK_C, BLOCK_HW] tiles. The branches of one image
 are [C, HW] (contiguous NCHW) or [HW, C] (channels_last) matrices; CHANNELS_LAST picks the strides, so
 the compiler sees which tile axis is contiguous and vectorises along it. An image holds fewer than
-2**31 elements (the launchers check), so offsets within one are 32-bit, which keeps the loop-invariant
+2**31 elements (the ops check), so offsets within one are 32-bit, which keeps the loop-invariant
 offset tile in half the registers; the image's base offset, b * batch stride, is 64-bit.
 """
 import triton
 import triton.language as tl
 
+# Every kernel takes the branches as this many pointers.
+MAX_BRANCHES = 4
+
 
 @triton.jit
 def program_tile(C, HW, chunk, BLOCK_C: tl.constexpr):
-    """This program's image, split index, channel vector and [hw_lo, hw_hi) chunk.
+    """This program's image, channel vector, channel mask and [hw_lo, hw_hi) chunk.
 
     The grid is (B, channel blocks, splits of H*W).
     """
     b = tl.cast(tl.program_id(0), tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    split = tl.program_id(2)
-    hw_lo = split * chunk
+    hw_lo = tl.program_id(2) * chunk
     hw_hi = tl.minimum(hw_lo + chunk, HW)
-    return b, split, c, c < C, hw_lo, hw_hi
+    return b, c, c < C, hw_lo, hw_hi
 
 
 @triton.jit

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from sknet_triton.layers import SKConv
-from sknet_triton.layout import MAX_BRANCHES
+from sknet_triton.ops import MAX_BRANCHES
 
 __all__ = ["convert_state_dict", "accelerate", "SOURCES"]
 

@@ -1,57 +1,168 @@
-"""Launchers: how each kernel's work is cut into programs, and the calls themselves.
+"""Launchers: one pattern for every kernel over the branches.
 
-Inputs arrive validated (see :mod:`sknet_triton.ops`). Every launcher takes the branches as the op
+Every kernel shares its leading and trailing arguments (see ``kernels/tile.py``), so one function,
+:func:`_launch`, starts any of them: it takes the branches as :class:`Job` resolved them, picks the
+launch configuration (the tuned table of this GPU's architecture, else the defaults), cuts the work
+into programs, and passes the kernel's own tensors and flags through. A kernel family is one entry of
+:data:`FAMILIES`; the op functions below build each one's outputs and call :func:`_launch`.
+
+Inputs arrive validated (see :mod:`sknet_triton.ops`). Every op function takes the branches as the op
 received them (M tensors, or one stacked [B, M, C, H, W] tensor) and reads them in place where
-:mod:`sknet_triton.layout` allows.
-
-Tile shapes come from a small fixed table, so the set of compiled specializations is finite and
-:func:`specializations` can list all of them for the ahead-of-time compile check.
+:mod:`sknet_triton.layout` allows. Under ``torch.compile`` the launches go through
+``torch.library.wrap_triton``, so Inductor emits them in its own generated code.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import torch
+import triton
 from torch import Tensor
 
 from sknet_triton import kernels
-from sknet_triton.layout import MAX_BRANCHES, branch_views, empty_branch_grads, empty_images, kernel_views
+from sknet_triton.layout import branch_views, empty_branch_grads, empty_images, kernel_views
 
-# Bytes of each streamed tensor in one [BLOCK_C, BLOCK_HW] tile. The backward kernels stream 2M + 1
-# tensors (and the select backward holds M float32 accumulators), hence smaller tiles for more branches.
-FORWARD_TILE_BYTES = 8192
-BACKWARD_TILE_BYTES = {2: 4096, 3: 2048, 4: 2048}
-NUM_WARPS = 8
-# channels_last tiles are BLOCK_C wide along the contiguous channels; NCHW tiles are BLOCK_HW long
-# along the contiguous positions, the longest that pads H*W by at most 1/16 (else the least padding).
+# Whether Triton runs the kernels through its interpreter (TRITON_INTERPRET=1 when they were defined).
+INTERPRETED = not isinstance(kernels.sk_fuse_fwd_kernel, triton.runtime.JITFunction)
+
+# channels_last tiles are BLOCK_C wide along the contiguous channels (the narrowest that covers C);
+# NCHW tiles are BLOCK_HW long along the contiguous positions, the longest that pads H*W by at most 1/16
+# (else the least padding).
 CHANNELS_LAST_BLOCK_C = (32, 64, 128)
 NCHW_BLOCK_HW = (256, 64, 16)
-LOGITS_BLOCK_C = 128
-LOGITS_NUM_WARPS = 4
-# Enough programs to keep every SM streaming; the interpreter runs programs one by one, so on the CPU
-# only a few (still more than one chunk, so that tests cover the chunked reductions).
-PROGRAMS_PER_SM = 16
+# The interpreter runs programs one by one: on the CPU only a few (still more than one chunk, so that
+# tests cover the chunked reductions).
 CPU_MIN_PROGRAMS = 4
+# Per-architecture tables written by perf/tune.py: sm_<major><minor>.json.
+TUNED_DIR = Path(__file__).with_name("tuned")
+
+
+@dataclass(frozen=True)
+class Config:
+    """How one kernel family is launched for one problem: what ``perf/tune.py`` sweeps."""
+
+    tile_bytes: int  # bytes of each streamed tensor in one [BLOCK_C, BLOCK_HW] tile
+    num_warps: int
+    num_stages: int
+    programs_per_sm: int  # the H*W axis is split until the grid has about this many programs per SM
+
+
+@dataclass(frozen=True)
+class Family:
+    """A kernel family: its kernel, whether it streams a backward pass's 2M + 1 tensors, and its own flags."""
+
+    kernel: object
+    backward: bool
+    flags: tuple[str, ...] = ()
+
+
+FAMILIES = {
+    "fuse_fwd": Family(kernels.sk_fuse_fwd_kernel, backward=False, flags=("RELU",)),
+    "fuse_bwd": Family(kernels.sk_fuse_bwd_kernel, backward=True),
+    "select_fwd": Family(kernels.sk_select_fwd_kernel, backward=False, flags=("RELU",)),
+    "select_bwd": Family(kernels.sk_select_bwd_kernel, backward=True, flags=("RELU",)),
+}
+
+# The untuned defaults. Backward kernels stream 2M + 1 tensors (and the select backward holds M float32
+# accumulators), hence smaller tiles for more branches.
+FORWARD_DEFAULT = Config(tile_bytes=8192, num_warps=8, num_stages=3, programs_per_sm=16)
+BACKWARD_DEFAULTS = {
+    2: Config(tile_bytes=4096, num_warps=8, num_stages=3, programs_per_sm=16),
+    3: Config(tile_bytes=2048, num_warps=8, num_stages=3, programs_per_sm=16),
+    4: Config(tile_bytes=2048, num_warps=8, num_stages=3, programs_per_sm=16),
+}
+
+
+def default_config(family: str, M: int) -> Config:
+    """The configuration of ``family`` for M branches where no tuned table applies."""
+    return BACKWARD_DEFAULTS[M] if FAMILIES[family].backward else FORWARD_DEFAULT
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tuned tables.
+
+
+@dataclass(frozen=True)
+class TunedEntry:
+    """The best configuration perf/tune.py measured for one problem."""
+
+    family: str
+    dtype: str  # "fp32", "fp16", "bf16"
+    channels_last: bool
+    M: int
+    B: int
+    C: int
+    HW: int
+    config: Config
+
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def arch_name(device: torch.device) -> Optional[str]:
+    """``sm_<major><minor>`` of a CUDA device, None for any other device."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+def read_table(path: Path) -> list[TunedEntry]:
+    """The entries of one tuned table (a JSON file written by perf/tune.py)."""
+    data = json.loads(path.read_text())
+    return [TunedEntry(**{**e, "config": Config(**e["config"])}) for e in data["entries"]]
+
+
+@functools.lru_cache(maxsize=None)
+def tuned_table(arch: Optional[str]) -> tuple[TunedEntry, ...]:
+    """The tuned table for ``arch``; empty where none was written."""
+    path = TUNED_DIR / f"{arch}.json"
+    return tuple(read_table(path)) if arch and path.exists() else ()
+
+
+def tuned_tables() -> dict[str, tuple[TunedEntry, ...]]:
+    """Every tuned table in the package, by architecture."""
+    return {path.stem: tuned_table(path.stem) for path in sorted(TUNED_DIR.glob("sm_*.json"))}
+
+
+def choose_config(
+    table: Sequence[TunedEntry], family: str, dtype: torch.dtype, channels_last: bool, M: int, B: int, C: int, HW: int
+) -> Config:
+    """The configuration measured for the nearest problem of the same kind (family, dtype, layout, M), by
+    distance in log B, log C, log H*W; the default where the table has none of that kind."""
+    name = DTYPE_NAMES[dtype]
+    kind = [e for e in table if (e.family, e.dtype, e.channels_last, e.M) == (family, name, channels_last, M)]
+    if not kind:
+        return default_config(family, M)
+
+    def distance(e: TunedEntry) -> float:
+        return sum(abs(math.log(a / b)) for a, b in ((e.B, max(B, 1)), (e.C, C), (e.HW, HW)))
+
+    return min(kind, key=distance).config
+
+
+# --------------------------------------------------------------------------------------------------------
+# Work decomposition.
 
 
 @dataclass(frozen=True)
 class Plan:
-    """One launch's decomposition: a (B, num_c_blocks, num_splits) grid of programs."""
+    """One launch: a (B, num_c_blocks, num_splits) grid of programs and the kernel's launch options."""
 
     block_c: int
     block_hw: int
     num_c_blocks: int
     num_splits: int
     chunk: int  # positions per split, a multiple of block_hw
-
-
-def tile_elements(dtype: torch.dtype, M: int, backward: bool = False) -> int:
-    """Elements per tile for branches of ``dtype``."""
-    return (BACKWARD_TILE_BYTES[M] if backward else FORWARD_TILE_BYTES) // dtype.itemsize
+    num_warps: int
+    num_stages: int
 
 
 def tile_shape(channels_last: bool, C: int, HW: int, tile: int) -> tuple[int, int]:
@@ -69,84 +180,147 @@ def tile_shape(channels_last: bool, C: int, HW: int, tile: int) -> tuple[int, in
     return tile // block_hw, block_hw
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def reachable_tile_shapes(tile: int) -> list[tuple[bool, int, int]]:
+    """Every (CHANNELS_LAST, BLOCK_C, BLOCK_HW) that :func:`tile_shape` can return for this tile."""
+    return [(True, b, tile // b) for b in CHANNELS_LAST_BLOCK_C] + [(False, tile // b, b) for b in NCHW_BLOCK_HW]
 
 
-def min_programs(device: torch.device) -> int:
+def min_programs(device: torch.device, config: Config) -> int:
     """How many programs a launch should have at least, when the shape allows."""
     if device.type == "cuda":
-        return PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else 0)
+        return config.programs_per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     return CPU_MIN_PROGRAMS
 
 
-def plan(B: int, C: int, HW: int, channels_last: bool, tile: int, device: torch.device) -> Plan:
-    """Cut [B, C, HW] into tiles and the H*W axis into as few chunks as fill the device."""
-    block_c, block_hw = tile_shape(channels_last, C, HW, tile)
+@functools.lru_cache(maxsize=4096)
+def plan(
+    family: str, B: int, C: int, HW: int, M: int, dtype: torch.dtype, channels_last: bool,
+    device: torch.device, deterministic: bool = False,
+) -> Plan:
+    """Cut [B, C, HW] into tiles and the H*W axis into as few chunks as fill the device.
+
+    ``deterministic`` (``torch.use_deterministic_algorithms``) keeps one chunk per image and channel
+    block, so that no two programs add into the same output element and results repeat bitwise.
+    """
+    config = choose_config(tuned_table(arch_name(device)), family, dtype, channels_last, M, B, C, HW)
+    block_c, block_hw = tile_shape(channels_last, C, HW, config.tile_bytes // dtype.itemsize)
     num_c_blocks = math.ceil(C / block_c)
     hw_blocks = math.ceil(HW / block_hw)
-    wanted = math.ceil(min_programs(device) / (B * num_c_blocks))
+    wanted = 1 if deterministic else math.ceil(min_programs(device, config) / (B * num_c_blocks))
     splits = max(1, min(wanted, hw_blocks))
     chunk = math.ceil(hw_blocks / splits) * block_hw
-    return Plan(block_c, block_hw, num_c_blocks, math.ceil(HW / chunk), chunk)
+    return Plan(block_c, block_hw, num_c_blocks, math.ceil(HW / chunk), chunk, config.num_warps, config.num_stages)
 
 
-def _padded(views: Sequence[Tensor]) -> list[Tensor]:
-    """The four branch pointer arguments: unused ones repeat the first branch and are never read."""
-    return list(views) + [views[0]] * (MAX_BRANCHES - len(views))
+# --------------------------------------------------------------------------------------------------------
+# The launch pattern.
 
 
-def _prologue(scale: Optional[Tensor], bias: Optional[Tensor], M: int, C: int, device):
-    """AFFINE flag and float32 [M, C] scale and bias for the kernels (dummies when not AFFINE)."""
+@dataclass(frozen=True)
+class Job:
+    """The branches as the kernels read them (see :func:`sknet_triton.layout.kernel_views`) and their shape."""
+
+    views: list[Tensor]
+    channels_last: bool
+    batch_stride: int
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return tuple(self.views[0].shape)
+
+
+def job(branches: Sequence[Tensor]) -> Job:
+    """Resolve the branches of one op call for its launches."""
+    return Job(*kernel_views(branches))
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as :func:`recording` captures it: the arguments, constexprs and options."""
+
+    family: str
+    args: tuple
+    constexprs: dict
+    options: dict = field(default_factory=dict)
+
+
+_recorded: Optional[list[Launch]] = None
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Launch]]:
+    """Capture launches instead of running them (for the ahead-of-time compile check, on meta tensors)."""
+    global _recorded
+    _recorded, previous = [], _recorded
+    try:
+        yield _recorded
+    finally:
+        _recorded = previous
+
+
+def _grad_pointers(j: Job, grad_views: list[Tensor]) -> list[Tensor]:
+    """The four gradient pointers: the M gradients, then the first branch for the unused ones (never
+    written). An input, not another output: under torch.compile, one output tensor passed as two
+    arguments would leave functionalization unsure which of them holds its value."""
+    return grad_views + [j.views[0]] * (kernels.MAX_BRANCHES - len(grad_views))
+
+
+def _prologue(scale: Optional[Tensor], bias: Optional[Tensor], j: Job):
+    """AFFINE flag and float32 [M, C] scale and bias; without a prologue, the first branch stands in for
+    both pointers (never read), so no call allocates a placeholder."""
     if scale is None and bias is None:
-        dummy = torch.empty(0, dtype=torch.float32, device=device)
-        return False, dummy, dummy
+        return False, j.views[0], j.views[0]
+    M, C = len(j.views), j.shape[1]
+    device = j.views[0].device
     scale = torch.ones(M, C, device=device) if scale is None else scale.float().contiguous()
     bias = torch.zeros(M, C, device=device) if bias is None else bias.float().contiguous()
     return True, scale, bias
 
 
+def _launch(family: str, j: Job, scale: Optional[Tensor], bias: Optional[Tensor], *args, **flags) -> None:
+    """Launch ``family``'s kernel over the branches of ``j``; ``args`` and ``flags`` are the kernel's own."""
+    B, C, H, W = j.shape
+    M, u = len(j.views), j.views[0]
+    p = plan(family, B, C, H * W, M, u.dtype, j.channels_last, u.device, torch.are_deterministic_algorithms_enabled())
+    affine, scale, bias = _prologue(scale, bias, j)
+    pointers = list(j.views) + [u] * (kernels.MAX_BRANCHES - M)
+    all_args = (*pointers, scale, bias, *args, C, H * W, j.batch_stride, p.chunk)
+    constexprs = dict(M=M, AFFINE=affine, CHANNELS_LAST=j.channels_last, BLOCK_C=p.block_c, BLOCK_HW=p.block_hw,
+                      **flags)
+    options = dict(num_warps=p.num_warps, num_stages=p.num_stages)
+    if _recorded is not None:
+        _recorded.append(Launch(family, all_args, constexprs, options))
+        return
+    kernel = FAMILIES[family].kernel
+    if not INTERPRETED:  # a plain launch in eager mode; a traceable one under torch.compile
+        kernel = torch.library.wrap_triton(kernel)
+    kernel[(B, p.num_c_blocks, p.num_splits)](*all_args, **constexprs, **options)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The ops' launchers.
+
+
 def fuse_forward(branches: Sequence[Tensor], scale: Optional[Tensor], bias: Optional[Tensor], relu: bool) -> Tensor:
     """s [B, C] float32 = mean over (h, w) of sum over m of P_m. See kernels/fuse.py."""
-    views, channels_last, stride_u = kernel_views(branches)
-    B, C, H, W = views[0].shape
-    HW, M, device = H * W, len(views), views[0].device
-    if B == 0:
-        return torch.empty(0, C, dtype=torch.float32, device=device)
-    affine, scale, bias = _prologue(scale, bias, M, C, device)
-    p = plan(B, C, HW, channels_last, tile_elements(views[0].dtype, M), device)
-    partial = torch.empty(B, p.num_splits, C, dtype=torch.float32, device=device)
-    grid = (B, p.num_c_blocks, p.num_splits)
-    kernels.sk_fuse_fwd_kernel[grid](
-        *_padded(views), scale, bias, partial,
-        C, HW, stride_u, p.chunk, 1.0 / HW,
-        M=M, AFFINE=affine, RELU=relu, CHANNELS_LAST=channels_last,
-        BLOCK_C=p.block_c, BLOCK_HW=p.block_hw, num_warps=NUM_WARPS,
-    )
-    return partial.sum(dim=1) if p.num_splits > 1 else partial.view(B, C)
+    j = job(branches)
+    B, C = j.shape[:2]
+    s = torch.zeros(B, C, dtype=torch.float32, device=j.views[0].device)
+    if B:
+        _launch("fuse_fwd", j, scale, bias, s, RELU=relu)
+    return s
 
 
 def fuse_relu_backward(
     grad_s: Tensor, branches: Sequence[Tensor], scale: Optional[Tensor], bias: Optional[Tensor]
 ) -> list[Tensor]:
     """Branch gradients of :func:`fuse_forward` with relu=True, structured as ``branches``."""
-    views, channels_last, stride_u = kernel_views(branches)
-    B, C, H, W = views[0].shape
-    HW, M, device = H * W, len(views), views[0].device
-    grads = empty_branch_grads(branches, channels_last)
-    if B == 0:
-        return grads
-    grad_views = _padded(branch_views(grads))
-    affine, scale, bias = _prologue(scale, bias, M, C, device)
-    p = plan(B, C, HW, channels_last, tile_elements(views[0].dtype, M, backward=True), device)
-    grid = (B, p.num_c_blocks, p.num_splits)
-    kernels.sk_fuse_bwd_kernel[grid](
-        grad_s.float().contiguous(), *_padded(views), scale, bias, *grad_views,
-        C, HW, stride_u, grad_views[0].stride(0), p.chunk, 1.0 / HW,
-        M=M, AFFINE=affine, CHANNELS_LAST=channels_last,
-        BLOCK_C=p.block_c, BLOCK_HW=p.block_hw, num_warps=NUM_WARPS,
-    )
+    j = job(branches)
+    grads = empty_branch_grads(branches, j.channels_last)
+    if j.shape[0]:
+        grad_views = branch_views(grads)
+        _launch("fuse_bwd", j, scale, bias, grad_s.float().contiguous(), *_grad_pointers(j, grad_views),
+                grad_views[0].stride(0))
     return grads
 
 
@@ -154,21 +328,10 @@ def select_forward(
     branches: Sequence[Tensor], logits: Tensor, scale: Optional[Tensor], bias: Optional[Tensor], relu: bool
 ) -> Tensor:
     """out [B, C, H, W] = sum over m of softmax(logits)[:, m] * P_m, dense in the branches' layout."""
-    views, channels_last, stride_u = kernel_views(branches)
-    B, C, H, W = views[0].shape
-    HW, M, device = H * W, len(views), views[0].device
-    out = empty_images(views[0], channels_last)
-    if B == 0:
-        return out
-    affine, scale, bias = _prologue(scale, bias, M, C, device)
-    p = plan(B, C, HW, channels_last, tile_elements(views[0].dtype, M), device)
-    grid = (B, p.num_c_blocks, p.num_splits)
-    kernels.sk_select_fwd_kernel[grid](
-        *_padded(views), logits.contiguous(), scale, bias, out,
-        C, HW, stride_u, out.stride(0), p.chunk,
-        M=M, AFFINE=affine, RELU=relu, CHANNELS_LAST=channels_last,
-        BLOCK_C=p.block_c, BLOCK_HW=p.block_hw, num_warps=NUM_WARPS,
-    )
+    j = job(branches)
+    out = empty_images(j.views[0], j.channels_last)
+    if j.shape[0]:
+        _launch("select_fwd", j, scale, bias, logits.contiguous(), out, out.stride(0), RELU=relu)
     return out
 
 
@@ -181,73 +344,80 @@ def select_backward(
     relu: bool,
 ) -> list[Tensor]:
     """Gradients of :func:`select_forward`: the branch gradients structured as ``branches``, then dlogits."""
-    views, channels_last, stride_u = kernel_views(branches)
-    B, C, H, W = views[0].shape
-    HW, M, device = H * W, len(views), views[0].device
-    grads = empty_branch_grads(branches, channels_last)
-    dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=device)
-    if B == 0:
-        return grads + [dlogits]
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    grad_out = grad_out.contiguous(memory_format=fmt)
-    logits = logits.contiguous()
-    grad_views = _padded(branch_views(grads))
-    affine, scale, bias = _prologue(scale, bias, M, C, device)
-    p = plan(B, C, HW, channels_last, tile_elements(views[0].dtype, M, backward=True), device)
-    g_partial = torch.empty(B, p.num_splits, M, C, dtype=torch.float32, device=device)
-    grid = (B, p.num_c_blocks, p.num_splits)
-    kernels.sk_select_bwd_kernel[grid](
-        grad_out, *_padded(views), logits, scale, bias, *grad_views, g_partial,
-        C, HW, grad_out.stride(0), stride_u, grad_views[0].stride(0), p.chunk,
-        M=M, AFFINE=affine, RELU=relu, CHANNELS_LAST=channels_last,
-        BLOCK_C=p.block_c, BLOCK_HW=p.block_hw, num_warps=NUM_WARPS,
-    )
-    num_c_blocks = math.ceil(C / LOGITS_BLOCK_C)
-    kernels.sk_select_logits_bwd_kernel[(B, num_c_blocks)](
-        g_partial, logits, dlogits, C, p.num_splits,
-        M=M, BLOCK_C=LOGITS_BLOCK_C, num_warps=LOGITS_NUM_WARPS,
-    )
-    return grads + [dlogits]
+    j = job(branches)
+    grads = empty_branch_grads(branches, j.channels_last)
+    dlogits = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+    if j.shape[0]:
+        fmt = torch.channels_last if j.channels_last else torch.contiguous_format
+        grad_out = grad_out.contiguous(memory_format=fmt)
+        grad_views = branch_views(grads)
+        _launch(
+            "select_bwd", j, scale, bias, logits.contiguous(), grad_out, *_grad_pointers(j, grad_views), dlogits,
+            grad_out.stride(0), grad_views[0].stride(0), RELU=relu,
+        )
+    return grads + [dlogits.to(logits.dtype)]
+
+
+# --------------------------------------------------------------------------------------------------------
+# What can be launched, for the ahead-of-time compile check.
+
+
+def example_launches(dtype: torch.dtype, M: int) -> list[Launch]:
+    """Recorded launches of every family for M branches of ``dtype``, without and with a prologue, on meta
+    tensors: the argument types each launch passes."""
+    meta = torch.device("meta")
+    branches = [torch.empty(2, 8, 4, 4, dtype=dtype, device=meta) for _ in range(M)]
+    logits = torch.empty(2, M, 8, dtype=dtype, device=meta)
+    grad_s, grad_out = torch.empty(2, 8, device=meta), torch.empty(2, 8, 4, 4, dtype=dtype, device=meta)
+    with recording() as launches:
+        for prologue in (None, torch.empty(M, 8, device=meta)):
+            fuse_forward(branches, prologue, prologue, False)
+            fuse_relu_backward(grad_s, branches, prologue, prologue)
+            select_forward(branches, logits, prologue, prologue, False)
+            select_backward(grad_out, branches, logits, prologue, prologue, False)
+    return launches
+
+
+def reachable_configs(family: str, M: int) -> set[Config]:
+    """The configurations :func:`plan` can choose for ``family`` and M: the default and every tuned one."""
+    tuned = {e.config for table in tuned_tables().values() for e in table if (e.family, e.M) == (family, M)}
+    return {default_config(family, M)} | tuned
 
 
 @dataclass(frozen=True)
 class Specialization:
-    """One compiled variant of a kernel: its constexpr values, warps, and the dtype of its data pointers."""
+    """One compiled variant of a kernel: a recorded launch's arguments with one set of constexprs and options."""
 
-    kernel: object
+    family: str
+    args: tuple
     constexprs: dict
-    num_warps: int
-    dtype: torch.dtype
+    options: dict
+
+    @property
+    def kernel(self):
+        return FAMILIES[self.family].kernel
 
     @property
     def name(self) -> str:
         flags = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in self.constexprs.items())
-        return f"{self.kernel.__name__}[{str(self.dtype).removeprefix('torch.')},{flags}]"
+        options = ",".join(f"{k}={v}" for k, v in self.options.items())
+        dtype = DTYPE_NAMES[self.args[0].dtype]
+        return f"{self.kernel.__name__}[{dtype},{flags},{options}]"
 
 
-def _tile_shapes(tile: int) -> list[tuple[bool, int, int]]:
-    """Every (CHANNELS_LAST, BLOCK_C, BLOCK_HW) that :func:`tile_shape` can return for this tile."""
-    return [(True, b, tile // b) for b in CHANNELS_LAST_BLOCK_C] + [(False, tile // b, b) for b in NCHW_BLOCK_HW]
-
-
-def specializations(dtypes=(torch.float32, torch.float16, torch.bfloat16)) -> Iterator[Specialization]:
-    """Every kernel specialization the launchers above can launch."""
-    branch_counts = range(2, MAX_BRANCHES + 1)
-    flags = (False, True)
-    for dtype, M in itertools.product(dtypes, branch_counts):
-        for kernel, tile, with_relu_flag in (
-            (kernels.sk_fuse_fwd_kernel, tile_elements(dtype, M), True),
-            (kernels.sk_select_fwd_kernel, tile_elements(dtype, M), True),
-            (kernels.sk_select_bwd_kernel, tile_elements(dtype, M, backward=True), True),
-            (kernels.sk_fuse_bwd_kernel, tile_elements(dtype, M, backward=True), False),
-        ):
-            for (channels_last, block_c, block_hw), affine in itertools.product(_tile_shapes(tile), flags):
-                for relu in flags if with_relu_flag else (None,):
-                    constexprs = dict(M=M, AFFINE=affine, RELU=relu, CHANNELS_LAST=channels_last,
-                                      BLOCK_C=block_c, BLOCK_HW=block_hw)
-                    if relu is None:
-                        del constexprs["RELU"]
-                    yield Specialization(kernel, constexprs, NUM_WARPS, dtype)
-        yield Specialization(
-            kernels.sk_select_logits_bwd_kernel, dict(M=M, BLOCK_C=LOGITS_BLOCK_C), LOGITS_NUM_WARPS, dtype
-        )
+def specializations(dtypes=tuple(DTYPE_NAMES)) -> Iterator[Specialization]:
+    """Every kernel specialization the launchers above can launch: each recorded launch's arguments (and
+    so its AFFINE flag) with every reachable configuration, tile shape and value of the family's flags."""
+    flag_values = (False, True)
+    for dtype, M in itertools.product(dtypes, range(2, kernels.MAX_BRANCHES + 1)):
+        for recorded in example_launches(dtype, M):
+            family = FAMILIES[recorded.family]
+            for config in sorted(reachable_configs(recorded.family, M), key=repr):
+                options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+                tiles = reachable_tile_shapes(config.tile_bytes // dtype.itemsize)
+                for (channels_last, block_c, block_hw), *flags in itertools.product(
+                    tiles, *[flag_values] * len(family.flags)
+                ):
+                    constexprs = dict(recorded.constexprs, CHANNELS_LAST=channels_last, BLOCK_C=block_c,
+                                      BLOCK_HW=block_hw, **dict(zip(family.flags, flags)))
+                    yield Specialization(recorded.family, recorded.args, constexprs, options)

@@ -12,10 +12,6 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-# The kernels take one pointer argument per branch, four of them.
-MAX_BRANCHES = 4
-
-
 def image_layout(u: Tensor) -> Optional[bool]:
     """Layout of each image of a 4-D [B, C, H, W] tensor.
 

@@ -9,33 +9,58 @@ tensor. Gradients are structured the same way.
 """
 from __future__ import annotations
 
-import os
+import importlib.util
+import warnings
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from sknet_triton import reference
-from sknet_triton.layout import MAX_BRANCHES, branch_views, empty_branch_grads, empty_images, kernel_layout
+from sknet_triton.layout import branch_views, empty_branch_grads, empty_images, kernel_layout
 
-try:
-    from sknet_triton import launch
-except ImportError:  # Triton is published for Linux only; elsewhere every device runs the reference.
+# Triton is published for Linux only: without the package every device runs the reference (and CUDA
+# tensors say so once). With it, the kernels must import: a broken installation is an error, not a
+# silent fallback.
+if importlib.util.find_spec("triton") is None:
     launch = None
+else:
+    from sknet_triton import launch
 
-__all__ = ["sk_fuse", "sk_select", "uses_triton", "SUPPORTED_DTYPES", "MAX_BRANCHES"]
+__all__ = ["sk_fuse", "sk_select", "uses_triton", "kernel_path", "SUPPORTED_DTYPES", "MAX_BRANCHES"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The kernels take the branches as this many pointers (sknet_triton.kernels.MAX_BRANCHES; a test ties them).
+MAX_BRANCHES = 4
 MAX_IMAGE_ELEMENTS = 2**31
-# Triton decides this when the kernels are defined; read it the same way.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
 
 Branches = Union[Tensor, Sequence[Tensor]]
+
+_warned_no_triton = False
 
 
 def uses_triton(device: torch.device) -> bool:
     """Whether tensors on ``device`` run the Triton kernels rather than the plain-PyTorch reference."""
-    return launch is not None and (device.type == "cuda" or (device.type == "cpu" and INTERPRET))
+    if launch is None:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and launch.INTERPRETED)
+
+
+def kernel_path(device: torch.device) -> str:
+    """What the ops run for tensors on ``device``: "triton", "triton-interpreter" or "reference"."""
+    if not uses_triton(device):
+        return "reference"
+    return "triton-interpreter" if launch.INTERPRETED else "triton"
+
+
+def _dispatch_to_kernels(device: torch.device) -> bool:
+    """:func:`uses_triton`, warning once when CUDA tensors fall back for want of the triton package."""
+    global _warned_no_triton
+    if launch is None and device.type == "cuda" and not _warned_no_triton:
+        _warned_no_triton = True
+        warnings.warn("sknet_triton: the triton package is not installed; CUDA tensors run the plain-PyTorch "
+                      "reference instead of the fused kernels", RuntimeWarning, stacklevel=3)
+    return uses_triton(device)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -64,6 +89,8 @@ def _check_branches(op: str, branches: Branches) -> tuple[list[Tensor], list[Ten
         for i, u in enumerate(branches):
             if not isinstance(u, Tensor):
                 raise TypeError(f"{op}: branch {i} must be a Tensor, got {type(u).__name__}")
+            if u.dim() != 4:
+                raise ValueError(f"{op}: branch {i} must be 4-D [B, C, H, W], got {_describe(u.shape)}")
         tensors = views = list(branches)
     else:
         raise TypeError(
@@ -72,9 +99,7 @@ def _check_branches(op: str, branches: Branches) -> tuple[list[Tensor], list[Ten
     if not 2 <= len(views) <= MAX_BRANCHES:
         raise ValueError(f"{op}: needs 2 to {MAX_BRANCHES} branches, got {len(views)}")
     first = views[0]
-    for i, u in enumerate(views):
-        if u.dim() != 4:
-            raise ValueError(f"{op}: branch {i} must be 4-D [B, C, H, W], got {_describe(u.shape)}")
+    for i, u in enumerate(views[1:], 1):
         if u.shape != first.shape:
             raise ValueError(
                 f"{op}: branches differ in shape: {_describe(first.shape)} and {_describe(u.shape)} (branch {i})"
@@ -111,15 +136,15 @@ def _check_param(op: str, name: str, t: Optional[Tensor], shape, device) -> None
 
 
 def _check_inputs(
-    op: str, branches: Branches, logits: Optional[Tensor], scale, bias, relu
+    op: str, branches: Branches, logits: Optional[Tensor], scale, bias, relu, needs_logits: bool
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Every check of one call; returns what :func:`_check_branches` does."""
     tensors, views = _check_branches(op, branches)
     B, C = views[0].shape[:2]
     M, device = len(views), views[0].device
-    if logits is not None:
+    if needs_logits:
         if not isinstance(logits, Tensor):
-            raise TypeError(f"{op}: logits must be a Tensor, got {type(logits).__name__}")
+            raise TypeError(f"{op}: logits must be a Tensor [B, M, C], got {type(logits).__name__}")
         if tuple(logits.shape) != (B, M, C):
             raise ValueError(f"{op}: logits must be [B, M, C] = {_describe((B, M, C))}, got {_describe(logits.shape)}")
         _check_float("logits", op, logits)
@@ -149,10 +174,12 @@ def sk_fuse(
         relu: apply ``max(P_m, 0)`` after the prologue.
 
     Returns:
-        ``s`` [B, C], float32: ``mean over (h, w) of sum over m of P_m``, accumulated in float32.
+        ``s`` [B, C], float32: ``mean over (h, w) of sum over m of P_m``, accumulated in float32. Where the
+        kernels split H*W across programs (small batches on a large GPU), their float32 partial sums are
+        added atomically, in no fixed order, unless ``torch.use_deterministic_algorithms(True)`` is set.
     """
-    tensors, views = _check_inputs("sk_fuse", branches, None, scale, bias, relu)
-    if uses_triton(views[0].device):
+    tensors, views = _check_inputs("sk_fuse", branches, None, scale, bias, relu, needs_logits=False)
+    if _dispatch_to_kernels(views[0].device):
         return torch.ops.sknet_triton.sk_fuse(tensors, scale, bias, relu)
     return reference.sk_fuse(views, scale, bias, relu)
 
@@ -173,26 +200,26 @@ def sk_select(
         scale, bias, relu: the prologue of :func:`sk_fuse`.
 
     Returns:
-        [B, C, H, W] in the branches' dtype and memory format:
+        [B, C, H, W] in the branches' dtype, dense in their memory format (contiguous where the branches
+        are neither contiguous nor channels_last):
         ``sum over m of softmax(logits, dim=1)[:, m, :, None, None] * P_m``, computed in float32.
     """
-    tensors, views = _check_inputs("sk_select", branches, logits, scale, bias, relu)
-    if uses_triton(views[0].device):
+    tensors, views = _check_inputs("sk_select", branches, logits, scale, bias, relu, needs_logits=True)
+    if _dispatch_to_kernels(views[0].device):
         return torch.ops.sknet_triton.sk_select(tensors, logits, scale, bias, relu)
-    return reference.sk_select(views, logits, scale, bias, relu)
+    fmt = torch.channels_last if kernel_layout(tensors) else torch.contiguous_format
+    return reference.sk_select(views, logits, scale, bias, relu).contiguous(memory_format=fmt)
 
 
 # --------------------------------------------------------------------------------------------------------
-# Custom ops around the launchers, their shapes for tracing, and their autograd.
-
-
-def _launcher():
-    if launch is None:
-        raise RuntimeError("sknet_triton: the Triton kernels need the triton package, which is not installed")
-    return launch
+# The operators around the launchers, their shapes for tracing, and their autograd. With compiled kernels
+# they are triton_ops, whose launches torch.compile sees and emits in its own generated code; with
+# interpreted kernels (or none) they are opaque custom ops.
 
 
 def _require_kernels(t: Tensor) -> None:
+    if launch is None:
+        raise RuntimeError("sknet_triton: the Triton kernels need the triton package, which is not installed")
     if not uses_triton(t.device):
         raise RuntimeError(
             f"sknet_triton: the Triton kernels run on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1; "
@@ -200,29 +227,41 @@ def _require_kernels(t: Tensor) -> None:
         )
 
 
-@torch.library.custom_op("sknet_triton::sk_fuse", mutates_args=())
-def _sk_fuse_op(branches: list[Tensor], scale: Optional[Tensor], bias: Optional[Tensor], relu: bool) -> Tensor:
-    _require_kernels(branches[0])
-    return _launcher().fuse_forward(branches, scale, bias, relu)
+def _operator(name: str, fake):
+    """Register ``sknet_triton::<name>``: a triton_op where the kernels are compiled (its fake is the
+    launcher itself, traced), else a custom op with the ``fake`` shape function."""
+
+    def register(launcher):
+        if launch is not None and not launch.INTERPRETED:
+            return torch.library.triton_op(f"sknet_triton::{name}", launcher, mutates_args=())
+        op = torch.library.custom_op(f"sknet_triton::{name}", launcher, mutates_args=())
+        op.register_fake(fake)
+        return op
+
+    return register
 
 
-@_sk_fuse_op.register_fake
-def _(branches, scale, bias, relu):
+def _fuse_shape(branches, scale, bias, relu):
     u = branch_views(branches)[0]
     return u.new_empty((u.shape[0], u.shape[1]), dtype=torch.float32)
 
 
-@torch.library.custom_op("sknet_triton::sk_fuse_relu_backward", mutates_args=())
+@_operator("sk_fuse", _fuse_shape)
+def _sk_fuse_op(branches: list[Tensor], scale: Optional[Tensor], bias: Optional[Tensor], relu: bool) -> Tensor:
+    _require_kernels(branches[0])
+    return launch.fuse_forward(branches, scale, bias, relu)
+
+
+def _fuse_relu_backward_shape(grad_s, branches, scale, bias):
+    return empty_branch_grads(branches, kernel_layout(branches))
+
+
+@_operator("sk_fuse_relu_backward", _fuse_relu_backward_shape)
 def _sk_fuse_relu_backward_op(
     grad_s: Tensor, branches: list[Tensor], scale: Optional[Tensor], bias: Optional[Tensor]
 ) -> list[Tensor]:
     _require_kernels(branches[0])
-    return _launcher().fuse_relu_backward(grad_s, branches, scale, bias)
-
-
-@_sk_fuse_relu_backward_op.register_fake
-def _(grad_s, branches, scale, bias):
-    return empty_branch_grads(branches, kernel_layout(branches))
+    return launch.fuse_relu_backward(grad_s, branches, scale, bias)
 
 
 def _fuse_setup_context(ctx, inputs, output):
@@ -254,27 +293,30 @@ def _broadcast_fuse_grad(grad_s: Tensor, scale: Optional[Tensor], ctx) -> list[T
     grad = grad.to(ctx.dtype)[..., None, None]
     if stacked:
         return [grad.expand(ctx.shape)]
-    M = ctx.num_inputs
-    return [grad[:, m if scale is not None else 0].expand(B, C, H, W) for m in range(M)]
+    return [grad[:, m if scale is not None else 0].expand(B, C, H, W) for m in range(ctx.num_inputs)]
 
 
 _sk_fuse_op.register_autograd(_fuse_backward, setup_context=_fuse_setup_context)
 
 
-@torch.library.custom_op("sknet_triton::sk_select", mutates_args=())
+def _select_shape(branches, logits, scale, bias, relu):
+    return empty_images(branch_views(branches)[0], kernel_layout(branches))
+
+
+@_operator("sk_select", _select_shape)
 def _sk_select_op(
     branches: list[Tensor], logits: Tensor, scale: Optional[Tensor], bias: Optional[Tensor], relu: bool
 ) -> Tensor:
     _require_kernels(branches[0])
-    return _launcher().select_forward(branches, logits, scale, bias, relu)
+    return launch.select_forward(branches, logits, scale, bias, relu)
 
 
-@_sk_select_op.register_fake
-def _(branches, logits, scale, bias, relu):
-    return empty_images(branch_views(branches)[0], kernel_layout(branches))
+def _select_backward_shape(grad_out, branches, logits, scale, bias, relu):
+    dlogits = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    return empty_branch_grads(branches, kernel_layout(branches)) + [dlogits]
 
 
-@torch.library.custom_op("sknet_triton::sk_select_backward", mutates_args=())
+@_operator("sk_select_backward", _select_backward_shape)
 def _sk_select_backward_op(
     grad_out: Tensor,
     branches: list[Tensor],
@@ -284,13 +326,7 @@ def _sk_select_backward_op(
     relu: bool,
 ) -> list[Tensor]:
     _require_kernels(branches[0])
-    return _launcher().select_backward(grad_out, branches, logits, scale, bias, relu)
-
-
-@_sk_select_backward_op.register_fake
-def _(grad_out, branches, logits, scale, bias, relu):
-    dlogits = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    return empty_branch_grads(branches, kernel_layout(branches)) + [dlogits]
+    return launch.select_backward(grad_out, branches, logits, scale, bias, relu)
 
 
 def _select_setup_context(ctx, inputs, output):

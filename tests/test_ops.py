@@ -132,14 +132,44 @@ def test_other_strides(case, monkeypatch):
         assert out.is_contiguous(), "copied inputs give a contiguous output"
 
 
-def test_many_splits(monkeypatch):
-    # Force the H*W axis into many chunks, as a large GPU would: the partial sums must add up.
+@pytest.fixture
+def many_programs(monkeypatch):
+    """Plans as on a large GPU: the H*W axis cut into many chunks."""
     monkeypatch.setattr(launch, "CPU_MIN_PROGRAMS", 64)
+    launch.plan.cache_clear()
+    yield
+    launch.plan.cache_clear()
+
+
+@pytest.mark.parametrize("prologue", ["none", "affine_relu"])
+def test_many_splits(prologue, many_programs, monkeypatch):
+    # Every chunk adds its share of s and of dlogits atomically: the shares must add up.
     shape = (1, 8, 24, 24)
-    p = launch.plan(1, 8, 24 * 24, True, launch.tile_elements(torch.float32, 2, backward=True), DEVICE)
+    p = launch.plan("select_bwd", 1, 8, 24 * 24, 2, torch.float32, True, DEVICE)
     assert p.num_splits > 4
+    scale, bias, relu = make_prologue(prologue, 2, shape[1])
     branches = make_branches(shape, 2, torch.float32, True, stacked=False)
-    run_and_check(branches, make_logits(1, 2, 8), None, None, False, torch.float32, monkeypatch)
+    run_and_check(branches, make_logits(1, 2, 8), scale, bias, relu, torch.float32, monkeypatch)
+
+
+def test_deterministic_algorithms_give_one_chunk_and_repeatable_results(many_programs):
+    shape = (1, 8, 24, 24)
+    assert launch.plan("fuse_fwd", 1, 8, 24 * 24, 2, torch.float32, True, DEVICE, deterministic=True).num_splits == 1
+    branches = make_branches(shape, 2, torch.float32, True, stacked=False)
+    logits = make_logits(1, 2, 8)
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(2):
+            s = ops.sk_fuse(branches)
+            out = ops.sk_select(branches, logits)
+            runs.append([s, *torch.autograd.grad([s, out], branches + [logits], [torch.ones_like(s), out.detach()])])
+    finally:
+        torch.use_deterministic_algorithms(False)
+    s_expected, _, _ = oracle(branches, logits, None, None, False)
+    assert_close(runs[0][0], s_expected, torch.float32, "sk_fuse")
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
 
 
 @pytest.mark.parametrize("stacked", [False, True], ids=["list", "stacked"])

@@ -1,6 +1,7 @@
 """Bad input gets a TypeError or ValueError naming the problem, before any kernel starts; and the
 plain-PyTorch path that CPU tensors take without the interpreter."""
 import re
+import warnings
 
 import pytest
 import torch
@@ -35,6 +36,8 @@ def cases():
         "devices_differ": (lambda: ops.sk_fuse([u, u.to("meta")]), ValueError, "different devices"),
         "logits_shape": (lambda: ops.sk_select(branches, logits[:, :, :5]), ValueError, "logits must be [B, M, C]"),
         "logits_2d": (lambda: ops.sk_select(branches, logits.flatten(1)), ValueError, "logits must be [B, M, C]"),
+        "logits_none": (lambda: ops.sk_select(branches, None), TypeError, "logits must be a Tensor [B, M, C], got NoneType"),
+        "no_branches": (lambda: ops.sk_fuse([]), ValueError, "2 to 4 branches, got 0"),
         "logits_not_tensor": (lambda: ops.sk_select(branches, [1.0]), TypeError, "logits must be a Tensor"),
         "logits_integer": (lambda: ops.sk_select(branches, logits.long()), TypeError, "logits must be float32"),
         "logits_device": (lambda: ops.sk_select(branches, logits.to("meta")), ValueError, "logits are on meta"),
@@ -78,13 +81,36 @@ def test_scale_without_grad_mode_is_accepted():
 
 
 def test_cpu_tensors_without_interpreter_use_the_reference(monkeypatch, no_kernel_launches):
-    monkeypatch.setattr(ops, "INTERPRET", False)
+    monkeypatch.setattr(launch, "INTERPRETED", False)
+    assert ops.kernel_path(torch.device("cpu")) == "reference"
     branches = [torch.randn(2, 6, 3, 3, requires_grad=True) for _ in range(3)]
     logits = torch.randn(2, 3, 6, requires_grad=True)
     scale, bias = torch.rand(3, 6) + 0.5, torch.randn(3, 6)
     s = ops.sk_fuse(branches, scale, bias, relu=True)
     out = ops.sk_select(branches, logits, scale, bias, relu=True)
-    torch.testing.assert_close(s, reference.sk_fuse(branches, scale, bias, relu=True))
-    torch.testing.assert_close(out, reference.sk_select(branches, logits, scale, bias, relu=True))
+    # The same math written out here, independently of sknet_triton.reference.
+    values = torch.stack(branches, 1).mul(scale[None, :, :, None, None]).add(bias[None, :, :, None, None]).clamp(min=0)
+    torch.testing.assert_close(s, values.sum(1).mean((2, 3)))
+    torch.testing.assert_close(out, torch.einsum("bmc,bmchw->bchw", logits.softmax(1), values))
     (s.sum() + out.sum()).backward()
     assert all(b.grad is not None and b.grad.abs().sum() > 0 for b in branches) and logits.grad is not None
+
+
+def test_cuda_without_the_triton_package_falls_back_and_says_so_once(monkeypatch):
+    monkeypatch.setattr(ops, "launch", None)
+    monkeypatch.setattr(ops, "_warned_no_triton", False)
+    cuda = torch.device("cuda")
+    with pytest.warns(RuntimeWarning, match="triton package is not installed"):
+        assert not ops._dispatch_to_kernels(cuda)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not ops._dispatch_to_kernels(cuda)
+    assert ops.kernel_path(cuda) == "reference"
+
+
+def test_the_kernels_take_as_many_branches_as_the_ops_allow():
+    from sknet_triton import kernels
+
+    assert kernels.MAX_BRANCHES == ops.MAX_BRANCHES
+    pointers = [name for name in launch.FAMILIES["select_bwd"].kernel.arg_names if re.fullmatch(r"u\d_ptr", name)]
+    assert len(pointers) == ops.MAX_BRANCHES

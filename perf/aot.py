@@ -1,0 +1,184 @@
+"""Ahead-of-time compilation of every kernel specialization for NVIDIA GPUs, on a machine without one.
+
+``python perf/aot.py`` compiles each specialization :func:`sknet_triton.launch.specializations` lists (the
+launcher's own tables: every configuration, tile shape and flag it can choose) with Triton's own compiler
+for sm_80 and sm_90. For each it reads the registers, spills and shared memory of Triton's ptxas run and
+the widest global load in the PTX, writes that table to ``--out`` (CSV), prints a summary, and exits with
+status 1 if anything spills or a streaming kernel loads less than 16 bytes at a time. It needs the real
+``@triton.jit`` functions, so it refuses to run under ``TRITON_INTERPRET=1``.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import csv
+import io
+import os
+import re
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+DEFAULT_ARCHS = (80, 90)
+DEFAULT_OUT = Path("perf/aot_report.csv")
+# The widest load a thread can issue, and what every streaming kernel should reach (the tests' shapes are
+# 16-divisible, as the launch signature below declares).
+VECTOR_BYTES = 16
+_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# ld.global[.nc][.v2|.v4].<type><bits>: the vector width and element bits of one global load.
+_GLOBAL_LOAD = re.compile(r"ld\.global[\w.:]*?(?:\.v(\d))?\.[bfsu](\d+)\s")
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one specialization uses on one architecture."""
+
+    kernel: str
+    arch: int
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    shared_bytes: int
+    widest_load_bytes: int
+
+    @property
+    def spills(self) -> bool:
+        return self.spill_stores > 0 or self.spill_loads > 0
+
+
+def _argument_type(value) -> str:
+    """Triton's signature type of one launch argument, read from the recorded value."""
+    if isinstance(value, torch.Tensor):
+        return "*" + _TRITON_DTYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for a launch argument of type {type(value).__name__}")
+
+
+def signature(spec) -> tuple[dict, dict]:
+    """Triton signature and divisibility attributes of a specialization, from its recorded arguments.
+
+    Every pointer and integer is taken as 16-divisible (the aligned case the launchers produce for the
+    SKNet shapes).
+    """
+    names = [name for name in spec.kernel.arg_names if name not in spec.constexprs]
+    if len(names) != len(spec.args):
+        raise ValueError(f"{spec.name}: {len(spec.args)} recorded arguments for {len(names)} parameters")
+    types = dict(zip(names, map(_argument_type, spec.args)))
+    signature, attrs = {}, {}
+    for index, name in enumerate(spec.kernel.arg_names):
+        if name in spec.constexprs:
+            signature[name] = "constexpr"
+            continue
+        signature[name] = types[name]
+        if types[name].startswith("*") or types[name] == "i32":
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return signature, attrs
+
+
+def _ptxas_usage(log: str) -> tuple[int, int, int]:
+    """(registers, spill store bytes, spill load bytes) from a ``ptxas -v`` log."""
+    registers = int(re.search(r"Used (\d+) registers", log).group(1))
+    stores, loads = map(int, re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups())
+    return registers, stores, loads
+
+
+def widest_global_load(ptx: str) -> int:
+    """Bytes of the widest global-memory load in a PTX listing (0 if it has none)."""
+    return max((int(v or 1) * int(bits) // 8 for v, bits in _GLOBAL_LOAD.findall(ptx)), default=0)
+
+
+def compile_specialization(index: int, arch: int) -> Resources:
+    """Compile specialization ``index`` of :func:`launch.specializations` for sm_<arch>."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from sknet_triton import launch
+
+    # Triton's own ptxas run (with Triton's flags) prints its -v report when asked; the cache would skip it.
+    triton.knobs.nvidia.dump_ptxas_log = True
+    triton.knobs.compilation.always_compile = True
+    spec = list(launch.specializations())[index]
+    types, attrs = signature(spec)
+    source = ASTSource(fn=spec.kernel, signature=types, constexprs=spec.constexprs, attrs=attrs)
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=spec.options)
+    registers, stores, loads = _ptxas_usage(log.getvalue())
+    return Resources(spec.name, arch, registers, stores, loads, compiled.metadata.shared,
+                     widest_global_load(compiled.asm["ptx"]))
+
+
+def compile_all(archs=DEFAULT_ARCHS, jobs: int = 1, progress=None) -> list[Resources]:
+    """Compile every specialization for every architecture, ``jobs`` processes at a time."""
+    from sknet_triton import launch
+
+    count = len(list(launch.specializations()))
+    work = [(index, arch) for arch in archs for index in range(count)]
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(compile_specialization, index, arch) for index, arch in work]
+        results = []
+        for future in futures:
+            results.append(future.result())
+            if progress is not None:
+                progress.update()
+    return results
+
+
+def problems(results: list[Resources]) -> list[str]:
+    """One line per specialization that spills or streams in loads narrower than VECTOR_BYTES."""
+    lines = []
+    for r in results:
+        if r.spills:
+            lines.append(f"sm_{r.arch} {r.kernel}: spills {r.spill_stores} B stored, {r.spill_loads} B loaded")
+        if r.widest_load_bytes < VECTOR_BYTES:
+            lines.append(f"sm_{r.arch} {r.kernel}: widest global load {r.widest_load_bytes} B < {VECTOR_BYTES} B")
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS), help="compute capabilities")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="parallel compiler processes")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the CSV table (default {DEFAULT_OUT})")
+    args = parser.parse_args(argv)
+
+    import triton
+    from tqdm import tqdm
+
+    from sknet_triton import launch
+
+    if launch.INTERPRETED:
+        parser.error("the kernels are interpreted here (TRITON_INTERPRET is set); run without it")
+    assert isinstance(launch.FAMILIES["fuse_fwd"].kernel, triton.runtime.JITFunction)
+    total = len(list(launch.specializations())) * len(args.arch)
+    with tqdm(total=total, desc="compiling", file=sys.stderr, mininterval=5) as bar:
+        results = compile_all(args.arch, args.jobs, bar)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(results[0])))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in results)
+    found = problems(results)
+    print("\n".join(found[:50]))
+    spilled = sum(r.spills for r in results)
+    print(f"{len(results)} compilations for sm_{', sm_'.join(map(str, args.arch))}: "
+          f"max {max(r.registers for r in results)} registers, {spilled} with spills, "
+          f"{sum(r.widest_load_bytes < VECTOR_BYTES for r in results)} with loads under {VECTOR_BYTES} B; "
+          f"table in {args.out}")
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
