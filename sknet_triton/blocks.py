@@ -9,29 +9,13 @@ from typing import Any, Optional, Union
 
 from torch import Tensor, nn
 
-from sknet_triton.layers import SKConv
+from sknet_triton.layers import ConvBnAct, SKConv
 
 __all__ = [
     "ConvBnAct", "SKBasicBlock", "SKBottleneck", "BlockType", "make_shortcut", "make_stage", "make_stem", "STEM_TYPES",
 ]
 
 STEM_TYPES = ("7x7", "deep", "small")
-
-
-class ConvBnAct(nn.Module):
-    """Convolution (no bias), BatchNorm, then ReLU unless ``apply_act`` is False.
-
-    [B, in_channels, H, W] -> [B, out_channels, H, W] (stride 1, "same" padding).
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, apply_act: bool = True):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
-        self.bn = nn.BatchNorm2d(out_channels)
-        self.act = nn.ReLU(inplace=True) if apply_act else nn.Identity()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.act(self.bn(self.conv(x)))
 
 
 class SKBasicBlock(nn.Module):
@@ -60,7 +44,7 @@ class SKBasicBlock(nn.Module):
                 f"got {cardinality} and {base_width}"
             )
         self.conv1 = SKConv(in_channels, planes, stride, groups=1, **(sk_args or {}))
-        self.conv2 = ConvBnAct(planes, planes, kernel_size=3, apply_act=False)
+        self.conv2 = ConvBnAct(planes, planes, kernel_size=3, act_layer=None)
         self.downsample = downsample
         self.act = nn.ReLU(inplace=True)
 
@@ -94,7 +78,7 @@ class SKBottleneck(nn.Module):
         out_channels = planes * self.expansion
         self.conv1 = ConvBnAct(in_channels, width)
         self.conv2 = SKConv(width, width, stride, groups=cardinality, **(sk_args or {}))
-        self.conv3 = ConvBnAct(width, out_channels, apply_act=False)
+        self.conv3 = ConvBnAct(width, out_channels, act_layer=None)
         self.downsample = downsample
         self.act = nn.ReLU(inplace=True)
 

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from sknet_triton import ops, reference
 
 __all__ = [
-    "SKConv", "SKAttention", "SKBranch", "set_backend", "make_divisible", "paper_attn_width", "timm_attn_width",
+    "SKConv", "SKAttention", "ConvBnAct", "set_backend", "make_divisible", "paper_attn_width", "timm_attn_width",
     "BACKENDS",
 ]
 
@@ -45,19 +45,23 @@ def timm_attn_width(rd_ratio: float = 1 / 16, rd_divisor: int = 8) -> Callable[[
     return lambda channels: make_divisible(channels * rd_ratio, rd_divisor)
 
 
-class SKBranch(nn.Module):
-    """One Split path: convolution, BatchNorm, activation (timm's ConvNormAct layout: ``conv``, ``bn``)."""
+class ConvBnAct(nn.Module):
+    """Convolution (no bias), BatchNorm, activation: timm's ConvNormAct layout (``conv``, ``bn``).
+
+    [B, in_channels, H, W] -> [B, out_channels, H / stride, W / stride] ("same" padding). ``act_layer``
+    None leaves the activation out. A Split path of SKConv is one of these.
+    """
 
     def __init__(
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: int,
-        stride: int,
-        dilation: int,
-        groups: int,
+        kernel_size: int = 1,
+        stride: int = 1,
+        dilation: int = 1,
+        groups: int = 1,
         norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
-        act_layer: Callable[..., nn.Module] = nn.ReLU,
+        act_layer: Optional[Callable[..., nn.Module]] = nn.ReLU,
     ):
         super().__init__()
         padding = ((stride - 1) + dilation * (kernel_size - 1)) // 2
@@ -65,7 +69,7 @@ class SKBranch(nn.Module):
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups=groups, bias=False
         )
         self.bn = norm_layer(out_channels)
-        self.act = act_layer(inplace=True)
+        self.act = act_layer(inplace=True) if act_layer is not None else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.act(self.bn(self.conv(x)))
@@ -181,7 +185,7 @@ class SKConv(nn.Module):
         self.split_input = split_input
         self.backend = "auto"
         self.paths = nn.ModuleList(
-            SKBranch(path_in, out_channels, k, stride, d, groups, norm_layer, act_layer) for k, d in branch_specs
+            ConvBnAct(path_in, out_channels, k, stride, d, groups, norm_layer, act_layer) for k, d in branch_specs
         )
         self.attn = SKAttention(out_channels, num_paths, attn_channels, norm_layer, act_layer)
 

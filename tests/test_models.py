@@ -15,7 +15,12 @@ from torch._dynamo.utils import counters
 
 from sknet_triton import create_model, list_models, set_backend
 from tests.helpers import DEVICE, requires_kernels
-from tests.model_helpers import assert_as_accurate_as, assert_close_relative, randomize_batchnorm
+from tests.model_helpers import (
+    assert_as_accurate_as,
+    assert_close_relative,
+    assert_grads_as_accurate_as,
+    randomize_batchnorm,
+)
 
 NUM_CLASSES = 10
 SMALL_MODEL = "sknet_tiny"
@@ -212,8 +217,7 @@ def test_kernels_end_to_end():
     expected_loss, expected_grads = train_step_grads(reference.train(), x, target)
     _, exact_grads = train_step_grads(exact.train(), x.double(), target)
     assert_close_relative(loss, expected_loss)
-    for key, grad in grads.items():
-        assert_as_accurate_as(grad, expected_grads[key], exact_grads[key], name=key)
+    assert_grads_as_accurate_as(grads, expected_grads, exact_grads)
 
 
 @requires_kernels
@@ -239,9 +243,7 @@ def test_kernels_compile_to_one_graph_for_any_batch_size(training):
     assert compiler_calls.frame_count == calls_for_first_batch, "recompiled for a new batch size"
     assert counters["stats"]["unique_graphs"] - graphs_before == 1
     if training:
-        expected_params, exact_params = dict(reference.named_parameters()), dict(exact.named_parameters())
-        for key, p in model.named_parameters():
-            assert_as_accurate_as(p.grad, expected_params[key].grad, exact_params[key].grad, name=key)
+        assert_grads_as_accurate_as(*({key: p.grad for key, p in m.named_parameters()} for m in (model, reference, exact)))
 
 
 @requires_kernels
