@@ -288,13 +288,18 @@ def _launch(family: str, j: Job, scale: Optional[Tensor], bias: Optional[Tensor]
     constexprs = dict(M=M, AFFINE=affine, CHANNELS_LAST=j.channels_last, BLOCK_C=p.block_c, BLOCK_HW=p.block_hw,
                       **flags)
     options = dict(num_warps=p.num_warps, num_stages=p.num_stages)
+    start(family, (B, p.num_c_blocks, p.num_splits), all_args, constexprs, options)
+
+
+def start(family: str, grid: tuple, args: tuple, constexprs: dict, options: dict) -> None:
+    """Start one kernel of ``family``: every launch goes through here (or is recorded, see :func:`recording`)."""
     if _recorded is not None:
-        _recorded.append(Launch(family, all_args, constexprs, options))
+        _recorded.append(Launch(family, args, constexprs, options))
         return
     kernel = FAMILIES[family].kernel
     if not INTERPRETED:  # a plain launch in eager mode; a traceable one under torch.compile
         kernel = torch.library.wrap_triton(kernel)
-    kernel[(B, p.num_c_blocks, p.num_splits)](*all_args, **constexprs, **options)
+    kernel[grid](*args, **constexprs, **options)
 
 
 # --------------------------------------------------------------------------------------------------------
