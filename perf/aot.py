@@ -163,7 +163,7 @@ def main(argv=None) -> int:
         parser.error("the kernels are interpreted here (TRITON_INTERPRET is set); run without it")
     assert isinstance(launch.FAMILIES["fuse_fwd"].kernel, triton.runtime.JITFunction)
     total = len(list(launch.specializations())) * len(args.arch)
-    with tqdm(total=total, desc="compiling", file=sys.stderr, mininterval=5) as bar:
+    with tqdm(total=total, desc="compiling", file=sys.stderr, mininterval=15) as bar:
         results = compile_all(args.arch, args.jobs, bar)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w", newline="") as f:

@@ -85,3 +85,17 @@ def empty_branch_grads(branches: Sequence[Tensor], channels_last: bool) -> list[
     if len(branches) == 1:
         return [empty_stacked(branches[0], channels_last)]
     return [empty_images(u, channels_last) for u in branches]
+
+
+def expanded_branch_grads(grad: Tensor, shape: torch.Size, num_inputs: int) -> list[Tensor]:
+    """Gradients constant over (h, w), as expanded views with the structure of the branches.
+
+    ``grad`` is [B, M, C] (one value per branch) or [B, 1, C] (the same for every branch); ``shape`` is
+    the shape of the op's first branch tensor and ``num_inputs`` the number of branch tensors it took
+    (one: a stacked [B, M, C, H, W] tensor).
+    """
+    grad = grad[..., None, None]
+    if num_inputs == 1:
+        return [grad.expand(shape)]
+    B, C, H, W = shape
+    return [grad[:, min(m, grad.shape[1] - 1)].expand(B, C, H, W) for m in range(num_inputs)]

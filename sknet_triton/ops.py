@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from sknet_triton import reference
-from sknet_triton.layout import branch_views, empty_branch_grads, empty_images, kernel_layout
+from sknet_triton.layout import branch_views, empty_branch_grads, empty_images, expanded_branch_grads, kernel_layout
 
 # Triton is published for Linux only: without the package every device runs the reference (and CUDA
 # tensors say so once). With it, the kernels must import: a broken installation is an error, not a
@@ -285,15 +285,11 @@ def _fuse_backward(ctx, grad_s):
 
 def _broadcast_fuse_grad(grad_s: Tensor, scale: Optional[Tensor], ctx) -> list[Tensor]:
     """dU_m = ds * scale[m] / HW, the same at every position: expanded views, no memory traffic."""
-    stacked = ctx.num_inputs == 1
-    B, *_, C, H, W = ctx.shape
+    H, W = ctx.shape[-2:]
     grad = (grad_s.float() / (H * W))[:, None, :]  # [B, 1, C]
     if scale is not None:
         grad = grad * scale.float()[None]  # [B, M, C]
-    grad = grad.to(ctx.dtype)[..., None, None]
-    if stacked:
-        return [grad.expand(ctx.shape)]
-    return [grad[:, m if scale is not None else 0].expand(B, C, H, W) for m in range(ctx.num_inputs)]
+    return expanded_branch_grads(grad.to(ctx.dtype), ctx.shape, ctx.num_inputs)
 
 
 _sk_fuse_op.register_autograd(_fuse_backward, setup_context=_fuse_setup_context)
