@@ -161,7 +161,9 @@ class SKResNet(nn.Module):
         ``global_pool``: None (keep the pooling) or "avg", the only pooling of these models."""
         num_classes = check_int("reset_classifier", "num_classes", num_classes, 0)
         if global_pool not in (None, "avg"):
-            raise ValueError(f"reset_classifier: global_pool must be None or 'avg' (the only pooling), got {global_pool!r}")
+            raise ValueError(
+                f"reset_classifier: global_pool must be None or 'avg' (the only pooling), got {global_pool!r}"
+            )
         first = next(self.parameters())
         self.num_classes = num_classes
         self.fc = _classifier(self.num_features, num_classes).to(device=first.device, dtype=first.dtype)

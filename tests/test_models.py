@@ -176,7 +176,9 @@ def test_head_matches_timm():
     with torch.no_grad():
         assert_close_relative(model(x), reference(x))
         features = reference.forward_features(x)
-        assert_close_relative(model.forward_head(features, pre_logits=True), reference.forward_head(features, pre_logits=True))
+        assert_close_relative(
+            model.forward_head(features, pre_logits=True), reference.forward_head(features, pre_logits=True)
+        )
     reference.reset_classifier(7)
     model.reset_classifier(7)
     model.fc.load_state_dict(reference.fc.state_dict())
@@ -224,7 +226,8 @@ def test_pretrained_download_failure_is_a_clear_error(monkeypatch, tmp_path):
     # timm's own download path, kept off the network and away from any cached weights.
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(RuntimeError, match="timm could not fetch the pretrained weights of skresnet18 for 'skresnet18'") as error:
+    expected = "timm could not fetch the pretrained weights of skresnet18 for 'skresnet18'"
+    with pytest.raises(RuntimeError, match=expected) as error:
         create_model("skresnet18", pretrained=True)
     assert "\n" not in str(error.value) and "pretrained=False" in str(error.value)
 

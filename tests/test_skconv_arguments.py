@@ -13,8 +13,12 @@ BAD_ARGUMENTS = {
     "groups 0": (dict(groups=0), ValueError, "groups must be a positive integer, got 0"),
     "negative groups": (dict(groups=-4), ValueError, "groups must be a positive integer, got -4"),
     "attn_width 0": (dict(attn_width=0), ValueError, "attn_width must be a positive integer, got 0"),
-    "attn_width rule giving 0": (dict(attn_width=lambda channels: 0), ValueError, "attn_width(64) must give a positive integer, got 0"),
-    "attn_width rule giving a float": (dict(attn_width=lambda channels: channels / 4), ValueError, "attn_width(64) must give a positive integer, got 16.0"),
+    "attn_width rule giving 0": (
+        dict(attn_width=lambda channels: 0), ValueError, "attn_width(64) must give a positive integer, got 0"
+    ),
+    "attn_width rule giving a float": (
+        dict(attn_width=lambda channels: channels / 4), ValueError, "attn_width(64) must give a positive integer, got 16.0"
+    ),
     "attn_width float": (dict(attn_width=8.0), TypeError, "attn_width must be an integer, got float"),
     "out_channels 0": (dict(out_channels=0), ValueError, "out_channels must be a positive integer, got 0"),
     "negative stride": (dict(stride=-1), ValueError, "stride must be a positive integer, got -1"),
@@ -39,7 +43,9 @@ def test_bad_argument_is_a_one_line_error_naming_it(kwargs, error, message):
     assert "\n" not in str(raised.value)
 
 
-@pytest.mark.parametrize("in_channels, error", [(0, ValueError), (-64, ValueError), (64.0, TypeError), (None, TypeError)])
+@pytest.mark.parametrize(
+    "in_channels, error", [(0, ValueError), (-64, ValueError), (64.0, TypeError), (None, TypeError)]
+)
 def test_bad_in_channels(in_channels, error):
     with pytest.raises(error, match="SKConv: in_channels must be"):
         SKConv(in_channels)

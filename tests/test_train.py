@@ -203,7 +203,8 @@ def test_image_loader_names_the_file_it_cannot_read(tmp_path):
     assert image.mode == "RGB" and image.size == (40, 40)
     not_an_image = tmp_path / "notes.jpg"
     not_an_image.write_bytes(torch.randint(0, 256, (300,), dtype=torch.uint8).numpy().tobytes())
-    with pytest.raises(DataError, match=re.escape(f"cannot read the image {not_an_image} (not in a format PIL can decode)")):
+    expected = f"cannot read the image {not_an_image} (not in a format PIL can decode)"
+    with pytest.raises(DataError, match=re.escape(expected)):
         load_rgb_image(str(not_an_image))
     with pytest.raises(DataError, match=re.escape(f"cannot read the image {tmp_path / 'missing.png'} (")):
         load_rgb_image(str(tmp_path / "missing.png"))
