@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,9 +43,16 @@ def newest_results(root: Path = report.RESULTS) -> Optional[Path]:
     folders = [f for f in root.glob("*/") if (f / "meta.json").is_file()]
 
     def newest(candidates):
-        return max(candidates, key=lambda f: (_meta(f)["environment"]["date"], f.name), default=None)
+        return max(candidates, key=lambda f: (_meta(f)["environment"]["date"], _run_of_the_day(f), f.name),
+                   default=None)
 
     return newest([f for f in folders if _meta(f)["environment"]["device_type"] == "cuda"]) or newest(folders)
+
+
+def _run_of_the_day(folder: Path) -> int:
+    """N of a folder <device>-<date>-N that perf/run.py names for the day's N-th run; 1 for <device>-<date>."""
+    match = re.search(r"\d{4}-\d{2}-\d{2}-(\d+)$", folder.name)
+    return int(match[1]) if match else 1
 
 
 def _relative(path: Path) -> str:

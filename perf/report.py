@@ -19,8 +19,15 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "perf" / "results"
+RESULT_FILES = ("models.csv", "ops.csv", "bytes_model.csv", "report.md", "chart.png", "meta.json")
 STAMP_COLUMNS = ("device", "torch", "triton", "cuda", "commit", "date")
-COLORS = {"sknet_triton": "tab:orange", "timm": "tab:blue", "eager": "tab:gray", "compiled": "tab:blue"}
+COLORS = {"sknet_triton": "tab:orange", "eager": "tab:gray", "compiled": "tab:blue"}  # the op panel's bars
+# The model rows' bar colours and legend entries, by what a row runs.
+ROW_KINDS = {
+    "sknet_triton": ("tab:orange", "sknet_triton sknet50"),
+    "timm": ("tab:blue", "timm skresnext50_32x4d"),
+    "plain": ("tab:gray", "timm resnext50_32x4d, no SK units (the ceiling)"),
+}
 
 
 def _version(module: str) -> str:
@@ -77,11 +84,22 @@ def stamp_line(env: dict) -> str:
             f"timm {env['timm']} | commit {env['commit']} | {env['date']}")
 
 
-def default_out_dir(env: dict) -> Path:
-    """perf/results/<device>-<date>: the GPU's name, or "cpu"."""
+def default_out_dir(env: dict, results: Path = RESULTS) -> Path:
+    """A new folder under ``results`` for this run: <device>-<date> (the GPU's name, or "cpu"), or
+    <device>-<date>-2, -3, ... when earlier runs of the day have taken the name: never an existing one."""
     name = env["device"] if env["device_type"] == "cuda" else "cpu"
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    return RESULTS / f"{slug}-{env['date']}"
+    folder = results / f"{slug}-{env['date']}"
+    number = 1
+    while folder.exists():
+        number += 1
+        folder = results / f"{slug}-{env['date']}-{number}"
+    return folder
+
+
+def results_in(folder: Path) -> list[str]:
+    """The names of the results files (RESULT_FILES) that ``folder`` already holds."""
+    return [name for name in RESULT_FILES if (folder / name).exists()]
 
 
 def format_number(value) -> str:
@@ -148,13 +166,17 @@ def write_meta(path: Path, env: dict, config: dict, notes: list[str], copy_gbps:
 
 
 def write_chart(path: Path, env: dict, setting: str, models: pd.DataFrame, ops: Optional[pd.DataFrame]) -> Path:
-    """chart.png: images/s of every timed row by mode, peak GPU memory when measured, and the Triton
-    ops' share of copy bandwidth beside the reference's when the op table ran. ``setting`` (dtype,
-    layout, image size) heads it with the stamp."""
-    import matplotlib
+    """chart.png: :func:`chart_figure` as a PNG image."""
+    chart_figure(env, setting, models, ops).savefig(path, dpi=110)
+    return path
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def chart_figure(env: dict, setting: str, models: pd.DataFrame, ops: Optional[pd.DataFrame]):
+    """The chart, a matplotlib Figure: images/s of every timed row by mode, peak GPU memory when measured,
+    and the Triton ops' share of copy bandwidth beside the reference's when the op table ran; a legend of
+    what each colour runs. ``setting`` (dtype, layout, image size) heads it with the stamp."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
     timed = models[models["status"] == "ok"] if "images/s" in models else models.iloc[0:0]
     panels = [("images/s", mode) for mode in timed["mode"].unique()]
@@ -163,7 +185,9 @@ def write_chart(path: Path, env: dict, setting: str, models: pd.DataFrame, ops: 
     if ops is not None and not ops.empty:
         panels.append(("ops", None))
     panels = panels or [("empty", None)]
-    figure, axes = plt.subplots(len(panels), 1, figsize=(10, 2.2 + 1.9 * len(panels)), squeeze=False)
+    figure = Figure(figsize=(10, 2.2 + 1.9 * len(panels)))
+    axes = figure.subplots(len(panels), 1, squeeze=False)
+    shown_kinds = set()
     for axis, (quantity, mode) in zip(axes[:, 0], panels):
         if quantity == "ops":
             _ops_panel(axis, ops)
@@ -172,18 +196,31 @@ def write_chart(path: Path, env: dict, setting: str, models: pd.DataFrame, ops: 
             axis.set_axis_off()
         else:
             rows = timed[timed["mode"] == mode]
-            colors = [COLORS["sknet_triton" if "sknet_triton" in r else "timm"] for r in rows["row"]]
-            axis.barh(rows["row"], rows[quantity], color=colors)
+            kinds = [_row_kind(row) for row in rows["row"]]
+            shown_kinds.update(kinds)
+            axis.barh(rows["row"], rows[quantity], color=[ROW_KINDS[kind][0] for kind in kinds])
             axis.invert_yaxis()
+            # Room beyond the longest bar for its value label, so that every label stays inside the frame.
+            axis.set_xlim(0, 1.2 * rows[quantity].max())
             axis.set_xlabel(quantity)
             axis.set_title(f"{mode}, batch {int(rows['batch'].iloc[0])}: {'higher' if quantity == 'images/s' else 'lower'} is better", fontsize=10)
             for y, value in enumerate(rows[quantity]):
                 axis.text(value, y, f" {format_number(float(value))}", va="center", fontsize=8)
     figure.suptitle(f"{setting}\n{stamp_line(env)}", fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    legend_height = 0.0
+    if shown_kinds:
+        handles = [Patch(color=color, label=label) for kind, (color, label) in ROW_KINDS.items() if kind in shown_kinds]
+        legend_height = 0.35 / figure.get_figheight()  # inches of one legend row, as a fraction of the figure
+        figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    figure.tight_layout(rect=(0, legend_height, 1, 1))
+    return figure
+
+
+def _row_kind(row: str) -> str:
+    """A model row's key in ROW_KINDS, from its name in the tables (see perf.model_bench.Variant.label)."""
+    if row.startswith("sknet_triton "):
+        return "sknet_triton"
+    return "timm" if "skresnext" in row else "plain"
 
 
 def _ops_panel(axis, ops: pd.DataFrame) -> None:

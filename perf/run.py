@@ -6,8 +6,10 @@ ceiling; in inference (eval, no_grad) and a training step (forward, backward, SG
 checked against timm's eager output on the same weights and input before it is timed. On a GPU it adds
 the op table (perf/ops.py) against the measured copy bandwidth; everywhere, the bytes model.
 
-Results go to --out (default perf/results/<device>-<date>/): models.csv, ops.csv, bytes_model.csv,
-report.md, chart.png and meta.json, each stamped with the device, versions and git commit.
+Results go to --out (default perf/results/<device>-<date>/, or <device>-<date>-2/, -3/, ... for a later
+run of the same day): models.csv, ops.csv, bytes_model.csv, report.md, chart.png and meta.json, each
+stamped with the device, versions and git commit. An --out that already holds results is refused: no run
+overwrites another's.
 
     python perf/run.py            # the full report
     python perf/run.py --quick    # fewer iterations and op configurations: minutes
@@ -38,6 +40,7 @@ DEFAULTS = {
 }
 QUICK_ITERATIONS = {"cuda": dict(warmup=3, iters=10), "cpu": dict(warmup=1, iters=3)}
 ELEMENT_SIZE = {"bf16": 2, "fp32": 4}
+PROGRESS_FORMAT = "{desc}: {n_fmt}/{total_fmt} rows |{bar}| {elapsed} elapsed"
 MODEL_COLUMNS = ["row", "mode", "batch", "status", "images/s", "ms min", "ms median", "ms max", "peak GiB",
                  "compile s", "logits err", "grads err"]
 
@@ -69,7 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "other processes, and one thread is disturbed least by them]")
     parser.add_argument("--no-ops", action="store_true", help="leave out the op table")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs (default 0)")
-    parser.add_argument("--out", type=Path, help="results folder (default perf/results/<device>-<date>/)")
+    parser.add_argument("--out", type=Path,
+                        help="results folder, new or without results (default perf/results/<device>-<date>/, "
+                             "with -2, -3, ... after the first run of the day)")
     args = parser.parse_args(argv)
 
     if args.device == "auto":
@@ -90,6 +95,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--batch-train must be at least 2: BatchNorm in training needs two values per channel")
     if args.warmup < 0:
         parser.error("--warmup must be at least 0")
+    earlier_results = report.results_in(args.out) if args.out is not None else []
+    if earlier_results:
+        parser.error(f"--out {args.out} already holds results ({', '.join(earlier_results)}); "
+                     "choose another --out, or leave it out for a new folder under perf/results")
     return args
 
 
@@ -189,17 +198,23 @@ def main(argv=None) -> int:
         return None
 
     print(report.stamp_line(env), flush=True)
+    print(f"Results go to {out_dir}", flush=True)
     total = len(variants) * len(args.modes) + (0 if ops_skipped else op_selection.rows)
-    with tqdm(total=total, desc="perf", unit="row") as progress:
+    # No time estimate: rows differ in cost by 100x and more (a compiled training row against an op), so
+    # rows done say little about the time left; each row's log line gives its own time instead.
+    with tqdm(total=total, desc="perf", unit="row", bar_format=PROGRESS_FORMAT) as progress:
         copy_gbps = None
         if device.type == "cuda":
             copy_gbps = ops.copy_bandwidth(device, args.quick)
             progress.write(f"device-to-device copy: {copy_gbps:.0f} GB/s (read + write)")
         rows, peak_load = [], 0.0
+        row_started = time.perf_counter()
         for row in model_bench.model_rows(variants, args.modes, bench_config, skip):
             rows.append(row)
             peak_load = max(peak_load, os.getloadavg()[0])
-            progress.write(f"  {model_bench.summary(row)} [at {time.perf_counter() - started:.0f} s]")
+            now = time.perf_counter()
+            progress.write(f"  {model_bench.summary(row)} [{now - row_started:.0f} s; {now - started:.0f} s in all]")
+            row_started = now
             progress.update(1)
             # Written as each row is done, so a run cut short still leaves what it measured.
             report.write_tables(out_dir, env, {"models": pd.DataFrame(rows)})

@@ -9,7 +9,7 @@ from typing import Any, Optional, Union
 
 from torch import Tensor, nn
 
-from sknet_triton.layers import ConvBnAct, SKConv
+from sknet_triton.layers import ConvBnAct, SKConv, check_int
 
 __all__ = [
     "ConvBnAct", "SKBasicBlock", "SKBottleneck", "BlockType", "make_shortcut", "make_stage", "make_stem", "STEM_TYPES",
@@ -118,6 +118,7 @@ def make_stage(
     shortcut (see :func:`make_shortcut`). [B, in_channels, H, W] -> [B, planes * block.expansion, H / stride,
     W / stride]. ``block_args`` (cardinality, base_width, sk_args) go to every block.
     """
+    num_blocks = check_int("make_stage", "num_blocks", num_blocks, 1)
     out_channels = planes * block.expansion
     downsample = None
     if stride != 1 or in_channels != out_channels:

@@ -152,9 +152,20 @@ def accelerate(model: nn.Module) -> nn.Module:
     normalizations other than BatchNorm, subclasses) are left as they are, with a warning.
 
     Works on any ``nn.Module``; without timm loaded there is nothing to replace. Calling it again changes
-    nothing. Returns ``model``, or the SKConv when ``model`` itself is a SelectiveKernel.
+    nothing. Returns ``model``, or the SKConv when ``model`` itself is a SelectiveKernel. A model with no
+    SK unit at all (neither a SelectiveKernel nor an SKConv) is returned as it is, with a UserWarning; an
+    argument that is not an ``nn.Module`` raises TypeError.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"accelerate: model must be a torch.nn.Module, got {type(model).__name__}")
     timm_classes = _loaded_timm_classes()
+    sk_types = (SKConv,) if timm_classes is None else (SKConv, timm_classes.selective_kernel)
+    if not any(isinstance(module, sk_types) for module in model.modules()):
+        warnings.warn(
+            f"accelerate: the {type(model).__name__} holds no SK unit (timm SelectiveKernel or SKConv): nothing "
+            "to accelerate", stacklevel=2,
+        )
+        return model
     if timm_classes is None:
         return model
     if isinstance(model, timm_classes.selective_kernel):

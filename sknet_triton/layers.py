@@ -25,6 +25,34 @@ BACKENDS = ("auto", "torch")
 AttnWidth = Union[None, int, Callable[[int], int]]
 
 
+def _is_integer(value: object) -> bool:
+    """Whether ``value`` is an integer (Python's, NumPy's, ...: anything with ``__index__``) other than a bool."""
+    return not isinstance(value, bool) and hasattr(type(value), "__index__")
+
+
+def check_int(owner: str, name: str, value: object, minimum: int) -> int:
+    """``value`` as an int if it is an integer (not a bool) of at least ``minimum``.
+
+    Raises TypeError for anything but an integer and ValueError below ``minimum``, naming ``owner``'s
+    argument ``name``.
+    """
+    if not _is_integer(value):
+        raise TypeError(f"{owner}: {name} must be an integer, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if value < minimum:
+        least = "a positive integer" if minimum == 1 else f"at least {minimum}"
+        raise ValueError(f"{owner}: {name} must be {least}, got {value}")
+    return value
+
+
+def check_bool(owner: str, name: str, value: object) -> bool:
+    """``value`` if it is a bool; TypeError naming ``owner``'s argument ``name`` otherwise (a truthy
+    string or number would otherwise pass as True)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be True or False, got {type(value).__name__} {value!r}")
+    return value
+
+
 def make_divisible(value: float, divisor: int = 8, min_value: Optional[int] = None, round_limit: float = 0.9) -> int:
     """``value`` rounded to the nearest multiple of ``divisor`` (at least ``min_value``, default ``divisor``),
     rounded up by one more ``divisor`` if rounding lost more than ``1 - round_limit`` of it."""
@@ -37,11 +65,18 @@ def make_divisible(value: float, divisor: int = 8, min_value: Optional[int] = No
 
 def paper_attn_width(r: int = 16, L: int = 32) -> Callable[[int], int]:
     """The paper's attention width, ``d = max(C // r, L)``."""
+    r = check_int("paper_attn_width", "r", r, 1)
+    L = check_int("paper_attn_width", "L", L, 1)
     return lambda channels: max(channels // r, L)
 
 
 def timm_attn_width(rd_ratio: float = 1 / 16, rd_divisor: int = 8) -> Callable[[int], int]:
     """timm's attention width, ``make_divisible(C * rd_ratio, rd_divisor)``."""
+    if isinstance(rd_ratio, bool) or not isinstance(rd_ratio, (int, float)):
+        raise TypeError(f"timm_attn_width: rd_ratio must be a number, got {type(rd_ratio).__name__} {rd_ratio!r}")
+    if not rd_ratio > 0:
+        raise ValueError(f"timm_attn_width: rd_ratio must be above 0, got {rd_ratio!r}")
+    rd_divisor = check_int("timm_attn_width", "rd_divisor", rd_divisor, 1)
     return lambda channels: make_divisible(channels * rd_ratio, rd_divisor)
 
 
@@ -101,16 +136,33 @@ class SKAttention(nn.Module):
 
 
 def _branch_kernels(M: Optional[int], kernel_sizes: Optional[Sequence[int]]) -> list[int]:
+    """Each path's kernel size, from ``M`` (3, 5, 7, ...) or ``kernel_sizes``; ValueError if they disagree."""
+    if M is not None:
+        M = check_int("SKConv", "M", M, 1)
     if kernel_sizes is None:
         M = 2 if M is None else M
         return [2 * m + 3 for m in range(M)]
+    if isinstance(kernel_sizes, (str, bytes)) or not hasattr(kernel_sizes, "__iter__"):
+        raise TypeError(f"SKConv: kernel_sizes must be a sequence of odd integers, got {kernel_sizes!r}")
     kernel_sizes = list(kernel_sizes)
     if M is not None and M != len(kernel_sizes):
         raise ValueError(f"SKConv: M={M} but {len(kernel_sizes)} kernel sizes {kernel_sizes}")
     for k in kernel_sizes:
-        if not isinstance(k, int) or k < 3 or k % 2 == 0:
+        if not _is_integer(k) or k < 3 or k % 2 == 0:
             raise ValueError(f"SKConv: kernel sizes must be odd integers >= 3, got {kernel_sizes}")
-    return kernel_sizes
+    return [int(k) for k in kernel_sizes]
+
+
+def _attn_channels(attn_width: AttnWidth, r: int, L: int, channels: int) -> int:
+    """The attention width ``attn_width`` gives for ``channels`` channels, checked to be a positive integer."""
+    if attn_width is None:
+        attn_width = paper_attn_width(r, L)
+    elif not callable(attn_width):
+        return check_int("SKConv", "attn_width", attn_width, 1)
+    width = attn_width(channels)
+    if not _is_integer(width) or width < 1:
+        raise ValueError(f"SKConv: attn_width({channels}) must give a positive integer, got {width!r}")
+    return int(width)
 
 
 class SKConv(nn.Module):
@@ -131,6 +183,9 @@ class SKConv(nn.Module):
         attn_width: the attention width: None for the paper's rule, an int, or a callable C -> d such as
             :func:`timm_attn_width`.
         norm_layer, act_layer: BatchNorm and activation of the paths and the attention.
+
+    An argument of the wrong type raises TypeError, and one out of range (channels, stride, groups, r, L,
+    dilation or an attention width below 1; M outside 2 to 4) ValueError, each naming the argument.
 
     Input [B, C_in, H, W] -> output [B, C, H / stride, W / stride], in the input's dtype and memory format.
 
@@ -158,7 +213,15 @@ class SKConv(nn.Module):
         act_layer: Callable[..., nn.Module] = nn.ReLU,
     ):
         super().__init__()
-        out_channels = out_channels or in_channels
+        in_channels = check_int("SKConv", "in_channels", in_channels, 1)
+        out_channels = in_channels if out_channels is None else check_int("SKConv", "out_channels", out_channels, 1)
+        stride = check_int("SKConv", "stride", stride, 1)
+        groups = check_int("SKConv", "groups", groups, 1)
+        r = check_int("SKConv", "r", r, 1)
+        L = check_int("SKConv", "L", L, 1)
+        dilation = check_int("SKConv", "dilation", dilation, 1)
+        keep_3x3 = check_bool("SKConv", "keep_3x3", keep_3x3)
+        split_input = check_bool("SKConv", "split_input", split_input)
         kernels = _branch_kernels(M, kernel_sizes)
         num_paths = len(kernels)
         if not 2 <= num_paths <= ops.MAX_BRANCHES:
@@ -175,9 +238,7 @@ class SKConv(nn.Module):
             branch_specs = [(3, dilation * (k - 1) // 2) for k in kernels]
         else:
             branch_specs = [(k, dilation) for k in kernels]
-        if attn_width is None:
-            attn_width = paper_attn_width(r, L)
-        attn_channels = attn_width if isinstance(attn_width, int) else attn_width(out_channels)
+        attn_channels = _attn_channels(attn_width, r, L, out_channels)
 
         self.in_channels = in_channels
         self.out_channels = out_channels

@@ -216,16 +216,38 @@ def test_accelerate_leaves_what_it_cannot_represent_with_a_warning(case):
     assert model[1] is selective_kernel
 
 
-def test_accelerate_leaves_other_models_alone():
+def test_accelerate_leaves_our_models_alone_without_a_warning():
     model = create_model("sknet_tiny", num_classes=NUM_CLASSES)
     modules = list(model.modules())
-    assert accelerate(model) is model
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert accelerate(model) is model
     assert list(model.modules()) == modules
+
+
+@pytest.mark.parametrize("timm_loaded", [False, True])
+def test_accelerate_warns_about_a_model_without_sk_units(timm_loaded, monkeypatch):
+    if timm_loaded:
+        pytest.importorskip("timm.layers.selective_kernel")
+    else:
+        monkeypatch.delitem(sys.modules, "timm.layers.selective_kernel", raising=False)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+    modules = list(model.modules())
+    with pytest.warns(UserWarning, match=r"accelerate: the Sequential holds no SK unit .*nothing to accelerate"):
+        assert accelerate(model) is model
+    assert list(model.modules()) == modules
+
+
+@pytest.mark.parametrize("argument", ["skresnet18", None, [nn.Linear(2, 2)]])
+def test_accelerate_refuses_what_is_not_a_module(argument):
+    with pytest.raises(TypeError, match="accelerate: model must be a torch.nn.Module, got"):
+        accelerate(argument)
 
 
 def test_accelerate_does_not_import_timm():
     program = (
-        "import sys, torch, sknet_triton; sknet_triton.accelerate(torch.nn.Linear(2, 2)); print('timm' in sys.modules)"
+        "import sys, sknet_triton; sknet_triton.accelerate(sknet_triton.create_model('sknet_tiny')); "
+        "print('timm' in sys.modules)"
     )
     result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True, timeout=120)
     assert result.stdout.strip() == "False"

@@ -5,6 +5,8 @@ Tests that do not need the kernels run the models with the "torch" backend, so t
 interpreter only runs for the small model.
 """
 import copy
+import re
+import sys
 
 import pytest
 import torch
@@ -14,6 +16,8 @@ from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 from sknet_triton import create_model, list_models, set_backend
+from sknet_triton.blocks import SKBasicBlock, make_stage
+from sknet_triton.models import PRETRAINED, SKResNet
 from tests.helpers import DEVICE, requires_kernels
 from tests.model_helpers import (
     assert_as_accurate_as,
@@ -83,8 +87,36 @@ def test_unknown_model_names_what_exists():
 
 
 def test_unknown_keyword_names_what_is_accepted():
-    with pytest.raises(TypeError, match=r"\['pretrained'\].*in_chans, drop_rate"):
-        create_model(SMALL_MODEL, pretrained=True)
+    with pytest.raises(TypeError, match=r"\['drop_path_rate'\].*pretrained, num_classes, in_chans, drop_rate"):
+        create_model(SMALL_MODEL, drop_path_rate=0.1)
+
+
+BAD_MODEL_ARGUMENTS = {
+    "drop_rate above 1": (dict(drop_rate=1.5), ValueError, "drop_rate must be at least 0 and below 1, got 1.5"),
+    "drop_rate 1": (dict(drop_rate=1.0), ValueError, "drop_rate must be at least 0 and below 1"),
+    "negative drop_rate": (dict(drop_rate=-0.1), ValueError, "drop_rate must be at least 0"),
+    "NaN drop_rate": (dict(drop_rate=float("nan")), ValueError, "drop_rate must be at least 0"),
+    "text drop_rate": (dict(drop_rate="0.1"), TypeError, "drop_rate must be a number, got str"),
+    "in_chans 0": (dict(in_chans=0), ValueError, "in_chans must be a positive integer, got 0"),
+    "in_chans bool": (dict(in_chans=True), TypeError, "in_chans must be an integer, got bool"),
+    "negative num_classes": (dict(num_classes=-1), ValueError, "num_classes must be at least 0, got -1"),
+    "float num_classes": (dict(num_classes=10.0), TypeError, "num_classes must be an integer, got float"),
+    "pretrained text": (dict(pretrained="yes"), TypeError, "pretrained must be True or False, got str"),
+}
+
+
+@pytest.mark.parametrize("kwargs, error, message", BAD_MODEL_ARGUMENTS.values(), ids=BAD_MODEL_ARGUMENTS.keys())
+def test_bad_arguments_are_one_line_errors_naming_them(kwargs, error, message):
+    with pytest.raises(error, match=re.escape(message)) as raised:
+        create_model(SMALL_MODEL, **kwargs)
+    assert "\n" not in str(raised.value)
+
+
+def test_bad_stages_name_the_argument():
+    with pytest.raises(ValueError, match="layers must be a positive integer, got 0"):
+        SKResNet(SKBasicBlock, (1, 0, 1, 1))
+    with pytest.raises(ValueError, match="num_blocks must be a positive integer, got 0"):
+        make_stage(SKBasicBlock, 16, 16, num_blocks=0, stride=1)
 
 
 def test_in_chans_and_num_classes():
@@ -109,6 +141,123 @@ def test_drop_rate_drops_pooled_features_in_training_only():
     kept = plain.forward_head(features, pre_logits=True)
     torch.testing.assert_close(dropped[dropped != 0], 2 * kept[dropped != 0])
     assert 0 < (dropped == 0).sum() < dropped.numel()
+
+
+# --------------------------------------------------------------------------------------------------------
+# timm's conventions: the head, pretrained weights, the data configuration.
+
+
+def test_no_classes_gives_pooled_features_and_reset_classifier_adds_a_head():
+    model = set_backend(create_model(SMALL_MODEL, num_classes=0), "torch").eval()
+    assert isinstance(model.get_classifier(), torch.nn.Identity) and model.get_classifier(name_only=True) == "fc"
+    x = images()
+    with torch.no_grad():
+        features = model(x)
+        assert features.shape == (2, model.num_features) == (2, 128)
+        torch.testing.assert_close(features, model.forward_features(x).mean(dim=(2, 3)))
+
+        model.double()
+        model.reset_classifier(5)
+        head = model.get_classifier()
+        assert isinstance(head, torch.nn.Linear) and head.weight.dtype == torch.float64 and not head.training
+        assert model.num_classes == 5
+        logits = model(x.double())
+        torch.testing.assert_close(logits, head(features.double()), rtol=1e-4, atol=1e-4)
+        model.reset_classifier(0, "avg")
+        torch.testing.assert_close(model(x.double()), features.double(), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="global_pool must be None or 'avg'"):
+        model.reset_classifier(5, "max")
+    with pytest.raises(ValueError, match="num_classes must be at least 0"):
+        model.reset_classifier(-1)
+
+
+def test_head_matches_timm():
+    timm = pytest.importorskip("timm")
+    reference = randomize_batchnorm(timm.create_model("skresnet18", num_classes=0)).eval()
+    model = set_backend(create_model("skresnet18", num_classes=0), "torch").eval()
+    model.load_state_dict(reference.state_dict())
+    assert model.num_features == reference.num_features and model.head_hidden_size == reference.head_hidden_size
+    x = images(size=40)
+    with torch.no_grad():
+        assert_close_relative(model(x), reference(x))
+        features = reference.forward_features(x)
+        assert_close_relative(
+            model.forward_head(features, pre_logits=True), reference.forward_head(features, pre_logits=True)
+        )
+    reference.reset_classifier(7)
+    model.reset_classifier(7)
+    model.fc.load_state_dict(reference.fc.state_dict())
+    with torch.no_grad():
+        assert_close_relative(model(x), reference(x))
+
+
+def test_data_config_resolves_as_timm_s():
+    timm = pytest.importorskip("timm")
+    from timm.data import resolve_data_config, resolve_model_data_config
+
+    with torch.device("meta"):  # configurations only: no weights needed
+        for name, timm_name in TIMM_EQUIVALENTS:
+            model, reference = create_model(name), timm.create_model(timm_name)
+            assert resolve_model_data_config(model) == resolve_model_data_config(reference), name
+            assert model.pretrained_cfg["first_conv"] == reference.pretrained_cfg["first_conv"], name
+            assert model.default_cfg is model.pretrained_cfg
+        tiny = create_model(SMALL_MODEL)
+    assert resolve_data_config(model=tiny)["input_size"] == (3, 32, 32)
+
+
+def test_pretrained_names_are_those_timm_has_weights_for():
+    timm = pytest.importorskip("timm")
+    for name, timm_name in TIMM_EQUIVALENTS:
+        assert (name in PRETRAINED) == timm.is_model_pretrained(timm_name), name
+        if name in PRETRAINED:
+            assert PRETRAINED[name] == timm_name
+
+
+@pytest.mark.parametrize("name", ["sknet101", "sknet_tiny", "skresnet50"])
+def test_pretrained_without_weights_says_so(name):
+    with pytest.raises(ValueError, match=f"no pretrained weights exist for '{name}'.*sknet50, skresnet18"):
+        create_model(name, pretrained=True)
+
+
+def test_pretrained_without_timm_says_it_is_needed(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
+    with pytest.raises(ImportError, match="loads timm's skresnext50_32x4d weights and needs timm: pip install timm"):
+        create_model("sknet50", pretrained=True, num_classes=NUM_CLASSES)
+
+
+def test_pretrained_download_failure_is_a_clear_error(monkeypatch, tmp_path):
+    pytest.importorskip("timm")
+    hub = pytest.importorskip("huggingface_hub.constants")
+    # timm's own download path, kept off the network and away from any cached weights.
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
+    expected = "timm could not fetch the pretrained weights of skresnet18 for 'skresnet18'"
+    with pytest.raises(RuntimeError, match=expected) as error:
+        create_model("skresnet18", pretrained=True)
+    assert "\n" not in str(error.value) and "pretrained=False" in str(error.value)
+
+
+def test_pretrained_copies_timm_s_weights_and_config(monkeypatch):
+    timm = pytest.importorskip("timm")
+    calls, created = [], []
+    timm_create_model = timm.create_model
+
+    def create_timm_model(name, pretrained=False, **kwargs):
+        # Stands in for the download: timm's model with random weights, and its pretrained configuration.
+        calls.append((name, pretrained, kwargs))
+        created.append(randomize_batchnorm(timm_create_model(name, **kwargs)))
+        created[-1].pretrained_cfg = {**created[-1].pretrained_cfg, "tag": "stand-in"}
+        return created[-1]
+
+    monkeypatch.setattr(timm, "create_model", create_timm_model)
+    model = create_model("sknet50", pretrained=True, num_classes=NUM_CLASSES, in_chans=1, drop_rate=0.2)
+    assert calls == [("skresnext50_32x4d", True, dict(num_classes=NUM_CLASSES, in_chans=1))]
+    assert model.pretrained_cfg["tag"] == "stand-in" and model.pretrained_cfg["architecture"] == "skresnext50_32x4d"
+    assert model.drop_rate == 0.2 and model.conv1.in_channels == 1
+    expected = created[0].state_dict()
+    assert list(model.state_dict()) == list(expected)
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(tensor, expected[key]), key
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The benchmark harness: the bytes model's arithmetic, the CLI, a tiny CPU run of perf/run.py and the
 README section made from its results."""
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from perf import bytes_model, model_bench, readme, report, run
 from perf.accuracy import relative_error
 
 REPO = Path(__file__).resolve().parents[1]
-RESULT_FILES = ("models.csv", "ops.csv", "bytes_model.csv", "report.md", "chart.png", "meta.json")
+RESULT_FILES = report.RESULT_FILES
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -87,6 +88,54 @@ def test_cli_defaults_follow_the_device(monkeypatch):
         run.parse_args(["--variants", "timm-sk,nonsense"])
 
 
+def test_out_that_holds_results_is_refused(tmp_path, capsys):
+    assert run.parse_args(["--out", str(tmp_path)]).out == tmp_path  # an empty folder is fine
+    (tmp_path / "meta.json").write_text("{}")
+    (tmp_path / "chart.png").write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_status:
+        run.parse_args(["--out", str(tmp_path)])
+    assert exit_status.value.code == 2
+    assert f"--out {tmp_path} already holds results (chart.png, meta.json)" in capsys.readouterr().err
+
+
+def test_default_out_dir_never_names_an_earlier_run(tmp_path):
+    env = {"device": "NVIDIA H100 80GB HBM3", "device_type": "cuda", "date": "2030-01-02"}
+    first = report.default_out_dir(env, tmp_path)
+    assert first == tmp_path / "nvidia-h100-80gb-hbm3-2030-01-02"
+    first.mkdir()
+    second = report.default_out_dir(env, tmp_path)
+    assert second == tmp_path / "nvidia-h100-80gb-hbm3-2030-01-02-2"
+    second.mkdir()
+    assert report.default_out_dir(env, tmp_path).name.endswith("-2030-01-02-3")
+    cpu = {"device": "CPU: Some CPU, 1 thread", "device_type": "cpu", "date": "2030-01-02"}
+    assert report.default_out_dir(cpu, tmp_path).name == "cpu-2030-01-02"
+
+
+def test_chart_has_a_legend_and_keeps_value_labels_inside_the_frame():
+    pytest.importorskip("matplotlib")
+    device = torch.device("cpu")
+    rows = []
+    for mode, scale in (("inference", 1.0), ("train", 0.01)):
+        for index, variant in enumerate(model_bench.VARIANTS):
+            rows.append({"variant": variant.key, "row": variant.label(device), "mode": mode, "batch": 4, "status": "ok",
+                         "images/s": scale * float(torch.empty(()).uniform_(10, 10_000)), "peak GiB": 1.0 + index})
+    figure = report.chart_figure({"device": "Some GPU", "torch": "x", "triton": "x", "cuda": "x", "timm": "x",
+                                  "commit": "abc", "date": "2030-01-02"}, "bf16", pd.DataFrame(rows), None)
+    figure.draw_without_rendering()
+    renderer = figure._get_renderer()
+    (legend,) = figure.legends
+    assert [text.get_text() for text in legend.get_texts()] == [label for _, label in report.ROW_KINDS.values()]
+    legend_box = legend.get_window_extent(renderer)
+    assert len(figure.axes) == 4  # images/s and peak GiB, per mode
+    for axis in figure.axes:
+        frame = axis.get_window_extent(renderer)
+        assert len(axis.texts) == len(model_bench.VARIANTS)
+        for text in axis.texts:
+            box = text.get_window_extent(renderer)
+            assert frame.x0 <= box.x0 and box.x1 <= frame.x1, (axis.get_title(), text.get_text())
+        assert not legend_box.overlaps(axis.get_tightbbox(renderer)), axis.get_title()
+
+
 def test_missing_package_is_skipped_with_its_reason():
     absent = model_bench.Variant("absent", "no_such_package_here", "net", compiled=False, family="sk")
     config = model_bench.BenchConfig(torch.device("cpu"), "fp32", True, 32, {"inference": 1}, 0, 1)
@@ -118,6 +167,9 @@ def test_tiny_run_writes_every_file(tiny_run):
         assert (out / name).stat().st_size > 0, name
     assert "Op table skipped: the Triton kernels need an NVIDIA GPU" in stdout
     assert "images/s" in stdout
+    assert f"Results go to {out}" in stdout
+    # each row's own time, since the rows' costs differ too much for a time estimate from the count
+    assert len(re.findall(r"\[\d+ s; \d+ s in all\]", stdout)) == 4
 
 
 def test_tiny_run_models_table(tiny_run):
@@ -196,3 +248,11 @@ def test_readme_prefers_gpu_results(tmp_path):
     assert readme.newest_results(tmp_path).name == "gpu-old"
     (tmp_path / "gpu-old" / "meta.json").unlink()
     assert readme.newest_results(tmp_path).name == "cpu-new"
+
+
+def test_readme_takes_the_last_run_of_the_newest_day(tmp_path):
+    for name in ("gpu-2030-01-02", "gpu-2030-01-02-2", "gpu-2030-01-02-9", "gpu-2030-01-02-10", "gpu-2030-01-01-11"):
+        (tmp_path / name).mkdir()
+        meta = {"environment": {"device_type": "cuda", "date": name[4:14]}}
+        (tmp_path / name / "meta.json").write_text(json.dumps(meta))
+    assert readme.newest_results(tmp_path).name == "gpu-2030-01-02-10"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -18,9 +19,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing
 
+from torch._utils import ExceptionWrapper
+
+from sknet_triton import train
 from sknet_triton.training import checkpoint, distributed
-from sknet_triton.training.data import SYNTHETIC_CLASSES, EpochSeeded, ShardSampler, SyntheticScales
-from sknet_triton.training.errors import CheckpointError
+from sknet_triton.training.data import SYNTHETIC_CLASSES, EpochSeeded, ShardSampler, SyntheticScales, load_rgb_image
+from sknet_triton.training.errors import CheckpointError, DataError
 from sknet_triton.training.loop import warmup_cosine
 from sknet_triton.training.options import build_parser
 from sknet_triton.training.report import CSV_FILENAME
@@ -147,6 +151,75 @@ def test_a_corrupt_or_missing_checkpoint_is_one_line_error(uninterrupted_run, tm
 def test_an_existing_checkpoint_is_not_overwritten_without_resume(uninterrupted_run):
     result = run_trainer(*RESUME_RUN, "--output", str(uninterrupted_run))
     assert_one_line_error(result, "exists", "--resume")
+
+
+@pytest.mark.parametrize("below_the_file", ["", "sub"])
+def test_an_output_that_is_a_file_is_one_line_error(tmp_path, capsys, below_the_file):
+    # In this process: the run stops before building a model.
+    blocking = tmp_path / "notes.txt"
+    blocking.write_text(str(torch.rand(3)))
+    output = os.path.join(blocking, below_the_file) if below_the_file else str(blocking)
+    status = train.main([*TINY, "--synthetic-size", "16", "--epochs", "1", "--batch-size", "8", "--workers", "0",
+                         "--output", output])
+    assert status == 2
+    assert capsys.readouterr().err == (
+        f"sknet_triton.train: error: --output {output}: cannot create that directory ({blocking} is a file)\n"
+    )
+
+
+def write_image_folders(root, images_per_class: int = 2) -> None:
+    """root/{train,val}/{a,b}/i.png: random 40x40 RGB images."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            (root / split / name).mkdir(parents=True)
+            for index in range(images_per_class):
+                pixels = (torch.rand(40, 40, 3) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(root / split / name / f"{index}.png")
+
+
+def test_an_unreadable_image_stops_the_run_with_one_line_naming_it(tmp_path):
+    pytest.importorskip("torchvision")
+    write_image_folders(tmp_path)
+    broken = tmp_path / "train" / "b" / "1.png"
+    broken.write_bytes(broken.read_bytes()[:100])  # a truncated download
+    # 4 training images, batch 2: every image is loaded in the first epoch, by a loader worker, whose error
+    # reaches this process rebuilt around the worker's traceback.
+    result = run_trainer("--model", "sknet_tiny", "--data", str(tmp_path), "--img-size", "32", "--epochs", "1",
+                         "--batch-size", "2", "--workers", "1", "--output", str(tmp_path / "run"))
+    assert result.returncode == 2, result.stderr
+    # stderr also holds the progress bar, drawn with carriage returns; the error is the only other line.
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [f"sknet_triton.train: error: cannot read the image {broken} (image file is truncated); "
+                      "repair or remove it"], result.stderr
+
+
+def test_image_loader_names_the_file_it_cannot_read(tmp_path):
+    pytest.importorskip("PIL")
+    write_image_folders(tmp_path, images_per_class=1)
+    good = tmp_path / "train" / "a" / "0.png"
+    image = load_rgb_image(str(good))
+    assert image.mode == "RGB" and image.size == (40, 40)
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_bytes(torch.randint(0, 256, (300,), dtype=torch.uint8).numpy().tobytes())
+    expected = f"cannot read the image {not_an_image} (not in a format PIL can decode)"
+    with pytest.raises(DataError, match=re.escape(expected)):
+        load_rgb_image(str(not_an_image))
+    with pytest.raises(DataError, match=re.escape(f"cannot read the image {tmp_path / 'missing.png'} (")):
+        load_rgb_image(str(tmp_path / "missing.png"))
+
+
+def test_an_error_from_a_loader_worker_keeps_its_own_message():
+    message = "cannot read the image x.png (image file is truncated); repair or remove it"
+    try:
+        raise DataError(message)
+    except DataError:
+        rebuilt = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(DataError) as error:
+        rebuilt.reraise()
+    assert str(error.value) == message
+    assert str(DataError("Caught nothing\nin two lines")) == "Caught nothing\nin two lines"
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -16,15 +16,14 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from sknet_triton.models import IMAGENET_MEAN, IMAGENET_STD
 from sknet_triton.training.errors import DataError
 
 __all__ = [
     "IMAGENET_MEAN", "IMAGENET_STD", "SYNTHETIC_CLASSES", "Datasets", "SyntheticScales", "EpochSeeded",
-    "ShardSampler", "mix_seed", "build_datasets", "build_loaders", "set_epoch",
+    "ShardSampler", "mix_seed", "build_datasets", "build_loaders", "set_epoch", "load_rgb_image",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SYNTHETIC_CLASSES = 8
 
 # Tags of the seed streams, so that no two kinds of random draw ever share a seed.
@@ -210,8 +209,8 @@ def _image_folders(root: str, img_size: int, seed: int) -> Datasets:
         normalize,
     ])
     try:
-        train = datasets.ImageFolder(folders["train"], train_transform)
-        val = datasets.ImageFolder(folders["val"], val_transform)
+        train = datasets.ImageFolder(folders["train"], train_transform, loader=load_rgb_image)
+        val = datasets.ImageFolder(folders["val"], val_transform, loader=load_rgb_image)
     except (FileNotFoundError, OSError) as error:  # an empty class folder, an unreadable tree
         raise DataError(f"--data {root}: {error}") from None
     if train.classes != val.classes:
@@ -220,6 +219,24 @@ def _image_folders(root: str, img_size: int, seed: int) -> Datasets:
             "or their names differ; both need the same class folders"
         )
     return Datasets(train=EpochSeeded(train, seed), val=val, num_classes=len(train.classes))
+
+
+def load_rgb_image(path: str):
+    """The image file at ``path`` as an RGB PIL image (torchvision's ImageFolder loader).
+
+    A file that cannot be read or decoded raises DataError naming it: the run stops at the first one (a
+    one-line error, exit status 2) rather than training on a dataset that silently lacks some images.
+    """
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as file:
+            return Image.open(file).convert("RGB")
+    except Image.UnidentifiedImageError:
+        raise DataError(f"cannot read the image {path} (not in a format PIL can decode); repair or remove it") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:  # PIL raises all of these
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"cannot read the image {path} ({detail}); repair or remove it") from None
 
 
 def build_loaders(

@@ -149,12 +149,24 @@ def _checkpoint_to_resume(settings: argparse.Namespace, run_settings: dict, chec
             raise CheckpointError(
                 f"{checkpoint_path} exists: continue that run with --resume, or choose another --output"
             )
-        os.makedirs(settings.output, exist_ok=True)
+        _make_output_directory(settings.output)
         return None
     state = checkpoint.load(settings.resume)
     checkpoint.check_same_run(settings.resume, state.get("settings", {}), run_settings, SAME_RUN_KEYS)
-    os.makedirs(settings.output, exist_ok=True)
+    _make_output_directory(settings.output)
     return state
+
+
+def _make_output_directory(path: str) -> None:
+    """Create ``path`` and its parents, or raise TrainingError naming --output and what is in the way."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        existing = path
+        while existing and not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        reason = f"{existing} is a file" if existing and not os.path.isdir(existing) else error.strerror
+        raise TrainingError(f"--output {path}: cannot create that directory ({reason})") from None
 
 
 def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
