@@ -37,7 +37,6 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 from tqdm import tqdm

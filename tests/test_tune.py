@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 
 from sknet_triton import launch
-from tests.helpers import DEVICE, requires_kernels
+from tests.helpers import requires_kernels
 from tests.ops_inputs import make_branches, make_logits
 
 REPO = Path(__file__).resolve().parents[1]
