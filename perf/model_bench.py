@@ -35,11 +35,25 @@ class Variant:
     family: str  # variants of one family share weights and a timm reference: "sk" or "plain"
 
     def label(self, device: torch.device) -> str:
-        """The row's name in the tables."""
+        """The row's name in the tables: for sknet_triton, with the path its SK units really run."""
         how = "torch.compile" if self.compiled else "eager"
         if self.package == "sknet_triton":
-            how += ", Triton kernels" if device.type == "cuda" else ", plain-PyTorch path"
+            how += ", " + PATH_WORDS[sknet_path(device)]
         return f"{self.package} {self.model} ({how})"
+
+
+# What sknet_path returns, in the tables' words.
+PATH_WORDS = {"triton": "Triton kernels", "triton-interpreter": "Triton interpreter",
+              "reference": "plain-PyTorch reference", "torch": "plain-PyTorch path"}
+
+
+def sknet_path(device: torch.device) -> str:
+    """The path sknet_triton's SK units run in this benchmark on ``device``: "torch" where the benchmark
+    sets ``set_backend(model, "torch")`` (every device but CUDA), else the ops' own dispatch decision
+    (``sknet_triton.ops.kernel_path``: "triton", "triton-interpreter" or "reference")."""
+    if device.type != "cuda":
+        return "torch"
+    return importlib.import_module("sknet_triton.ops").kernel_path(device)
 
 
 VARIANTS = (
@@ -104,7 +118,7 @@ def calibrated_weights(package: str, name: str, config: BenchConfig) -> dict[str
             nn.init.uniform_(module.bias, -0.1, 0.1)
             module.momentum = None  # a plain average over the calibration batch
     model.to(config.device).train()
-    if package == "sknet_triton" and config.device.type != "cuda":
+    if package == "sknet_triton" and sknet_path(config.device) == "torch":
         importlib.import_module("sknet_triton").set_backend(model, "torch")
     images = torch.randn(CALIBRATION_BATCH, 3, config.image_size, config.image_size, device=config.device)
     with torch.no_grad():
@@ -131,7 +145,7 @@ def prepared_model(package: str, name: str, weights: dict, config: BenchConfig) 
     model.load_state_dict(weights)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model.to(config.device, memory_format=memory_format)
-    if package == "sknet_triton" and config.device.type != "cuda":
+    if package == "sknet_triton" and sknet_path(config.device) == "torch":
         # The Triton kernels need a GPU; elsewhere the plain-PyTorch path (never Triton's interpreter).
         importlib.import_module("sknet_triton").set_backend(model, "torch")
     return model
@@ -282,7 +296,8 @@ def model_rows(
         references: dict[str, Optional[tuple]] = {}
         for variant in variants:
             row = {"variant": variant.key, "row": variant.label(config.device), "mode": mode,
-                   "batch": config.batch[mode], "compiled": variant.compiled}
+                   "batch": config.batch[mode], "compiled": variant.compiled,
+                   "path": sknet_path(config.device) if variant.package == "sknet_triton" else ""}
             reason = missing_package(variant.package) or skip(variant, mode)
             if reason is not None:
                 yield {**row, "status": "skipped", "reason": reason}
@@ -325,3 +340,70 @@ def summary(row: dict) -> str:
     if row.get("reason"):
         parts.append(row["reason"])
     return f"{row['row']}, {row['mode']}: {row['status']}" + (" (" + "; ".join(parts) + ")" if parts else "")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Small-batch latency under CUDA graphs.
+
+LATENCY_BATCHES = (1, 8, 32)
+LATENCY_MODELS = (("timm", "skresnext50_32x4d"), ("sknet_triton", "sknet50"))
+
+
+def latency_rows(config: BenchConfig, batches=LATENCY_BATCHES) -> Iterator[dict]:
+    """Inference latency at small batches under ``torch.compile(mode="reduce-overhead")`` (CUDA graphs),
+    timm's SK network and sknet_triton's, as each is done: ms per call (wall clock, synchronised after every
+    call; median, min and max of ``config.iters`` calls after ``config.warmup``), with the path sknet_triton
+    ran. Weights are freshly initialised: latency does not depend on them. CUDA only."""
+    for package, name in LATENCY_MODELS:
+        for batch in batches:
+            row = {"row": f"{package} {name} (torch.compile reduce-overhead)", "batch": batch,
+                   "path": sknet_path(config.device) if package == "sknet_triton" else ""}
+            reason = missing_package(package) or (None if config.device.type == "cuda" else "CUDA graphs need a GPU")
+            if reason:
+                yield {**row, "status": "skipped", "reason": reason}
+                continue
+            try:
+                row.update(_latency(package, name, batch, config))
+            except Exception as error:  # a failing row is reported, and the others still run
+                row.update(status="error", reason=describe_error(error))
+            _release_memory(config.device)
+            yield row
+
+
+def _latency(package: str, name: str, batch: int, config: BenchConfig) -> dict:
+    torch.manual_seed(config.seed)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    model = create_model(package, name).to(config.device, memory_format=memory_format).eval()
+    compiled = torch.compile(model, mode="reduce-overhead", dynamic=False)
+    images = torch.randn(batch, 3, config.image_size, config.image_size, device=config.device)
+    images = images.contiguous(memory_format=memory_format)
+
+    def call():
+        with torch.no_grad(), _autocast(config):
+            compiled(images)
+        torch.cuda.synchronize(config.device)
+
+    start = time.perf_counter()
+    call()
+    compile_s = time.perf_counter() - start
+    for _ in range(max(config.warmup, 2)):  # cudagraph trees record on the second call
+        call()
+    times = []
+    for _ in range(config.iters):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1e3)
+    times = torch.tensor(times)
+    return {"status": "ok", "reason": "", "ms median": times.median().item(), "ms min": times.min().item(),
+            "ms max": times.max().item(), "compile s": compile_s}
+
+
+def latency_speedups(rows: list[dict]) -> "pd.DataFrame":
+    """The latency rows as a table, with "× timm": timm's median ms over the row's, at the same batch."""
+    import pandas as pd
+
+    table = pd.DataFrame(rows)
+    if "ms median" in table:
+        timm = table[table["row"].str.startswith("timm ") & (table["status"] == "ok")].set_index("batch")["ms median"]
+        table["× timm"] = table["batch"].map(timm) / table["ms median"]
+    return table

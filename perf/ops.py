@@ -1,17 +1,37 @@
-"""Op-level benchmark: the fused SK ops against the memory-bandwidth floor, beside the plain-PyTorch reference.
+"""Op-level benchmark: the fused SK ops' GPU time, host time and time as a user sees it, beside the reference.
 
-For each op, shape, dtype and layout it times sknet_triton's Triton kernels, the eager reference
-(sknet_triton.reference) and torch.compile of that reference with ``triton.testing.do_bench``, and
-reports each as effective bandwidth (the op's minimum bytes, perf/bytes_model.py, over its time) and
-as a share of the same GPU's device-to-device copy bandwidth.
+For each op (fuse forward, fuse backward with its BatchNorm + ReLU prologue, select forward, select
+backward; backward as autograd runs it), SKNet-50 shape, dtype and layout, four implementations are
+checked against the eager reference and timed: sknet_triton eager and under ``torch.compile``, and the
+plain-PyTorch reference (``sknet_triton.reference``) eager and under ``torch.compile``. Three times each:
+
+- **GPU time**: every call captured once into a CUDA graph (one call per input set, enough sets that
+  they overflow the L2 cache several times), the graph replayed between CUDA events; the median replay
+  over the number of calls. No host work is timed. Its share of the copy bandwidth measured in the same
+  run is the op's minimum bytes (perf/bytes_model.py) over that time.
+- **host time** (sknet_triton only): the wall time of issuing a burst of back-to-back calls without
+  synchronising, over the burst's length; the burst is short enough that the launch queue never fills,
+  so the host never waits for the GPU. Median of several bursts.
+- **call time**: the wall time of many back-to-back calls, synchronised at both ends, over their number:
+  what a loop of calls costs a user, the larger of host and GPU time plus whatever else stalls.
+
+``limit`` says in words which of them sets the call time. ``--host-only`` runs without a GPU: the Python
+host cost of one call up to the kernel launch, with the launch recorded instead of run
+(``sknet_triton.launch.recording``), on CPU tensors through the interpreter's dispatch.
 
     python perf/ops.py [--quick] [--dtypes bf16,fp32] [--layouts channels_last,contiguous] [--out DIR]
+                       [--budget-s SECONDS]
+    python perf/ops.py --host-only [--calls N] [--out DIR]
 """
 from __future__ import annotations
 
 import argparse
 import itertools
+import math
+import os
+import statistics
 import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
@@ -35,13 +55,40 @@ OPS = tuple(bytes_model.OP_PASSES)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 LAYOUTS = ("channels_last", "contiguous")
 # The eager reference runs first: the others are checked against it.
-IMPLEMENTATIONS = ("eager", "sknet_triton", "compiled")
-TIMED_COLUMNS = ("sknet_triton µs", "sknet_triton GB/s", "sknet_triton % copy BW", "eager µs", "eager % copy BW",
-                 "compiled µs", "compiled % copy BW", "× vs eager", "× vs compiled")
-# do_bench budgets in ms (warm-up, repetitions); --quick trades precision for time.
-BENCH_MS = {False: (25, 100), True: (10, 40)}
+IMPLEMENTATIONS = ("eager", "sknet_triton", "sknet_triton compiled", "compiled")
+# The columns of one row, in order. "µs" and "% copy BW" without "call" are GPU times (CUDA-graph replay):
+# sknet_triton's, the eager reference's ("eager") and the compiled reference's ("compiled").
+TIMED_COLUMNS = (
+    "sknet_triton µs", "sknet_triton GB/s", "sknet_triton % copy BW", "sknet_triton compiled µs",
+    "eager µs", "eager % copy BW", "compiled µs", "compiled % copy BW", "× vs eager", "× vs compiled",
+    "host µs", "host compiled µs",
+    "call µs", "call compiled µs", "ref call µs", "ref call compiled µs",
+    "× call vs ref", "× call compiled vs ref compiled", "limit", "limit compiled",
+)
 # The copy that measures the GPU's bandwidth: large enough that launch overhead and caches do not count.
 COPY_BYTES = 2**30
+# do_bench budgets of the copy in ms (warm-up, repetitions); --quick trades precision for time.
+BENCH_MS = {False: (25, 100), True: (10, 40)}
+# GPU time: the input sets of one graph should move at least this many times the L2's bytes, at most
+# MAX_INPUT_SETS sets; the graph is replayed this many times.
+L2_OVERFLOW = 4
+MAX_INPUT_SETS = 8
+GRAPH_REPLAYS = {False: 20, True: 8}
+# Host time: bursts of this many calls (a few launches each: far from the launch queue's ~1000 entries).
+HOST_BURST = 20
+HOST_BURSTS = {False: 10, True: 5}
+# Call time: this many back-to-back calls between synchronisations, repeated.
+CALLS_PER_TIMING = 40
+CALL_TIMINGS = {False: 5, True: 3}
+# limit: a call within this factor of its GPU time is GPU-bound; a host time over this share of the call
+# time makes it host-bound; a GPU time at this share of copy bandwidth is at the bandwidth limit.
+GPU_BOUND_FACTOR = 1.2
+HOST_BOUND_SHARE = 0.8
+BANDWIDTH_BOUND_PERCENT = 70
+# --host-only: a small problem (the host path does not depend on its size, and small CPU tensors keep the
+# CPU's allocator out of the numbers), and the number of calls each figure is the median of.
+HOST_ONLY_SHAPE = (2, 64, 8, 8)
+HOST_ONLY_CALLS = 2000
 NEEDS_GPU = "the Triton kernels need an NVIDIA GPU"
 
 
@@ -53,11 +100,16 @@ class Selection:
     layouts: tuple = LAYOUTS
     shapes: tuple = SHAPES
     batch: int = BATCH
-    quick: bool = False  # shorter do_bench budgets
+    quick: bool = False  # fewer replays, bursts and timings
 
     @property
     def rows(self) -> int:
         return len(self.dtypes) * len(self.layouts) * len(self.shapes) * len(OPS)
+
+    def configurations(self) -> list[tuple[tuple, str, str]]:
+        """(shape, layout, dtype) in the order they are measured: shape by shape, largest first, so that a
+        run cut short by its budget has measured the shapes the targets name."""
+        return list(itertools.product(self.shapes, self.layouts, self.dtypes))
 
 
 # --quick: the models' default dtype and layout, and the largest and the smallest SK unit.
@@ -82,20 +134,26 @@ def copy_bandwidth(device: torch.device, quick: bool = False) -> float:
     return 2 * COPY_BYTES / ms / 1e6
 
 
-def _functions(implementation: str) -> tuple[Callable, Callable]:
-    """(fuse, select) of one implementation; compiled ones are fresh, so each shape compiles statically."""
+# --------------------------------------------------------------------------------------------------------
+# The calls.
+
+
+def functions(implementation: str) -> tuple[Callable, Callable]:
+    """(fuse, select) of one implementation. Compiled ones are new wrappers: call ``torch._dynamo.reset()``
+    before each problem so that each compiles statically for it."""
     import sknet_triton
     from sknet_triton import reference
 
-    if implementation == "sknet_triton":
-        return sknet_triton.sk_fuse, sknet_triton.sk_select
-    if implementation == "eager":
-        return reference.sk_fuse, reference.sk_select
-    torch._dynamo.reset()
-    return torch.compile(reference.sk_fuse), torch.compile(reference.sk_select)
+    if implementation.startswith("sknet_triton"):
+        fuse, select = sknet_triton.sk_fuse, sknet_triton.sk_select
+    else:
+        fuse, select = reference.sk_fuse, reference.sk_select
+    if implementation.endswith("compiled"):
+        return torch.compile(fuse, dynamic=False), torch.compile(select, dynamic=False)
+    return fuse, select
 
 
-def _op_call(op: str, fuse: Callable, select: Callable, inputs: dict) -> Callable[[], object]:
+def op_call(op: str, fuse: Callable, select: Callable, inputs: dict) -> Callable[[], object]:
     """A closure that runs ``op`` once; backward closures run the autograd graph of one forward again."""
     branches, logits = inputs["branches"], inputs["logits"]
     if op == "fuse fwd":
@@ -112,10 +170,11 @@ def _op_call(op: str, fuse: Callable, select: Callable, inputs: dict) -> Callabl
     return lambda: torch.autograd.grad(out, wrt, grad, retain_graph=True)
 
 
-def _inputs(batch: int, C: int, H: int, W: int, dtype: torch.dtype, layout: str, device: torch.device) -> dict:
+def make_inputs(batch: int, C: int, H: int, W: int, dtype: torch.dtype, layout: str, device: torch.device,
+                seed: int = 0) -> dict:
     """Seeded branches, logits, prologue constants and upstream gradients of one configuration."""
     memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    generator = torch.Generator(device=device).manual_seed(0)
+    generator = torch.Generator(device=device).manual_seed(seed)
 
     def normal(*shape, dtype=dtype):
         return torch.randn(*shape, device=device, dtype=dtype, generator=generator)
@@ -130,68 +189,305 @@ def _inputs(batch: int, C: int, H: int, W: int, dtype: torch.dtype, layout: str,
     }
 
 
-def _outputs(result) -> list:
+def outputs(result) -> list:
+    """A call's result as a list of tensors."""
     return list(result) if isinstance(result, (tuple, list)) else [result]
 
 
-def op_rows(device: torch.device, selection: Selection, copy_gbps: float, progress=None) -> list[dict]:
-    """One row per (op, shape, dtype, layout): each implementation's time and share of copy bandwidth,
-    checked against the eager reference first. ``progress`` (a tqdm bar) advances by one per row."""
-    from triton.testing import do_bench
+def input_sets_needed(min_bytes: int, device: torch.device) -> int:
+    """How many input sets one CUDA graph cycles through so that its calls overflow the L2 cache."""
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
+    return max(1, min(MAX_INPUT_SETS, math.ceil(L2_OVERFLOW * l2 / max(min_bytes, 1))))
 
-    warmup, rep = BENCH_MS[selection.quick]
-    batch = selection.batch
-    rows = []
-    for dtype_name, layout, (C, H, W) in itertools.product(selection.dtypes, selection.layouts, selection.shapes):
-        inputs = _inputs(batch, C, H, W, DTYPES[dtype_name], layout, device)
-        element_size = inputs["branches"][0].element_size()
-        for op in OPS:
-            min_bytes = bytes_model.op_min_bytes(op, BRANCHES, batch * C * H * W, element_size)
-            row = {"op": op, "C×H×W": f"{C}×{H}×{W}", "B": batch, "M": BRANCHES, "dtype": dtype_name,
-                   "layout": layout, "prologue": "BN+ReLU" if op == "fuse bwd" else "none",
-                   "min MB": min_bytes / 1e6}
-            timed, wrong, failed = {}, [], []
-            expected = None
-            for implementation in IMPLEMENTATIONS:
-                try:
-                    call = _op_call(op, *_functions(implementation), inputs)
-                    result = _outputs(call())
-                    expected = result if expected is None else expected
-                    error = relative_error(result, expected)
-                    if not error <= OP_TOLERANCE[dtype_name]:
-                        wrong.append(f"{implementation} differs from eager by {error:.3g}")
-                        continue
-                    ms = do_bench(call, warmup=warmup, rep=rep, return_mode="median")
-                except Exception as exception:  # reported in the row; the other implementations still run
-                    failed.append(f"{implementation}: {describe_error(exception)}")
-                    continue
-                timed[f"{implementation} µs"] = ms * 1e3
-                timed[f"{implementation} % copy BW"] = 100 * min_bytes / ms / 1e6 / copy_gbps
-            if "sknet_triton µs" in timed:
-                timed["sknet_triton GB/s"] = min_bytes / (timed["sknet_triton µs"] * 1e3)
-                for baseline in ("eager", "compiled"):
-                    if f"{baseline} µs" in timed:
-                        timed[f"× vs {baseline}"] = timed[f"{baseline} µs"] / timed["sknet_triton µs"]
-            rows.append({**row, **{c: timed.get(c, float("nan")) for c in TIMED_COLUMNS},
-                         "status": "error" if failed else "wrong" if wrong else "ok", "reason": "; ".join(failed + wrong)})
-            if progress is not None:
-                progress.update(1)
-        del inputs
-        torch.cuda.empty_cache()
+
+# --------------------------------------------------------------------------------------------------------
+# The three clocks.
+
+
+def gpu_time_us(calls: list[Callable], replays: int) -> float:
+    """GPU µs of one call: ``calls`` (one per input set) captured once into a CUDA graph, which is replayed
+    ``replays`` times between CUDA events; the median replay over the number of calls.
+
+    Runs on the current stream, which must not be the default stream (capture needs a side stream), and
+    must be the one any forward pass of a backward closure ran on: autograd runs backward kernels on their
+    forward's stream, and a capture sees only its own stream's work.
+    """
+    stream = torch.cuda.current_stream()
+    if stream == torch.cuda.default_stream():
+        raise RuntimeError("gpu_time_us: capture needs a side stream; call it inside torch.cuda.stream(...)")
+    for call in calls:  # warm-up: compilation, autotuning and lazy initialisation stay out of the capture
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for call in calls:
+            call()
+    graph.replay()
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)]
+    for start, end in events:
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    median_ms = statistics.median(start.elapsed_time(end) for start, end in events)
+    del graph
+    return median_ms * 1e3 / len(calls)
+
+
+def host_time_us(call: Callable, bursts: int, synchronize: Callable[[], None]) -> float:
+    """Host µs of one call: the median over ``bursts`` of the wall time of issuing HOST_BURST calls without
+    synchronising, over HOST_BURST; ``synchronize`` drains the queue between bursts."""
+    times = []
+    for _ in range(bursts):
+        synchronize()
+        start = time.perf_counter()
+        for _ in range(HOST_BURST):
+            call()
+        times.append((time.perf_counter() - start) / HOST_BURST)
+    synchronize()
+    return statistics.median(times) * 1e6
+
+
+def call_time_us(calls: list[Callable], timings: int) -> float:
+    """µs per call as a loop of calls sees it: CALLS_PER_TIMING back-to-back calls cycling through the
+    input sets, synchronised at both ends; median of ``timings`` such loops."""
+    times = []
+    for _ in range(timings):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for index in range(CALLS_PER_TIMING):
+            calls[index % len(calls)]()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) / CALLS_PER_TIMING)
+    return statistics.median(times) * 1e6
+
+
+def limit(call_us: float, gpu_us: float, host_us: float, percent_copy: float) -> str:
+    """Which time sets a call's time, in words."""
+    if not all(math.isfinite(x) for x in (call_us, gpu_us)):
+        return ""
+    if call_us <= GPU_BOUND_FACTOR * gpu_us:
+        if percent_copy >= BANDWIDTH_BOUND_PERCENT:
+            return "GPU, at bandwidth"
+        return "GPU, kernels under bandwidth"
+    if math.isfinite(host_us) and host_us >= HOST_BOUND_SHARE * call_us:
+        return "host"
+    return "launch/other"
+
+
+# --------------------------------------------------------------------------------------------------------
+# The table.
+
+
+def _row_times(op: str, sets: list[dict], implementations: dict, quick: bool) -> tuple[dict, list[str], list[str]]:
+    """Check and time every implementation of ``op`` on the input sets: (times, wrong, failed)."""
+    times, wrong, failed, expected = {}, [], [], None
+    replays, bursts, timings = GRAPH_REPLAYS[quick], HOST_BURSTS[quick], CALL_TIMINGS[quick]
+    for implementation, (fuse, select) in implementations.items():
+        try:
+            calls = [op_call(op, fuse, select, inputs) for inputs in sets]
+            result = outputs(calls[0]())
+            expected = result if expected is None else expected
+            error = relative_error(result, expected)
+            if not error <= OP_TOLERANCE[sets[0]["dtype name"]]:
+                wrong.append(f"{implementation} differs from eager by {error:.3g}")
+                continue
+            del result
+            times[implementation, "gpu"] = gpu_time_us(calls, replays)
+            times[implementation, "call"] = call_time_us(calls, timings)
+            if implementation.startswith("sknet_triton"):
+                times[implementation, "host"] = host_time_us(calls[0], bursts, torch.cuda.synchronize)
+        except Exception as exception:  # reported in the row; the other implementations still run
+            failed.append(f"{implementation}: {describe_error(exception)}")
+    return times, wrong, failed
+
+
+def _columns(times: dict, min_bytes: int, copy_gbps: float) -> dict:
+    """The TIMED_COLUMNS of one row from its measured times (NaN where one is missing)."""
+    def t(implementation, clock):
+        return times.get((implementation, clock), float("nan"))
+
+    def percent(us):
+        return 100 * min_bytes / (us * 1e3) / copy_gbps
+
+    gpu, gpu_compiled = t("sknet_triton", "gpu"), t("sknet_triton compiled", "gpu")
+    columns = {
+        "sknet_triton µs": gpu, "sknet_triton GB/s": min_bytes / (gpu * 1e3), "sknet_triton % copy BW": percent(gpu),
+        "sknet_triton compiled µs": gpu_compiled,
+        "eager µs": t("eager", "gpu"), "eager % copy BW": percent(t("eager", "gpu")),
+        "compiled µs": t("compiled", "gpu"), "compiled % copy BW": percent(t("compiled", "gpu")),
+        "× vs eager": t("eager", "gpu") / gpu, "× vs compiled": t("compiled", "gpu") / gpu,
+        "host µs": t("sknet_triton", "host"), "host compiled µs": t("sknet_triton compiled", "host"),
+        "call µs": t("sknet_triton", "call"), "call compiled µs": t("sknet_triton compiled", "call"),
+        "ref call µs": t("eager", "call"), "ref call compiled µs": t("compiled", "call"),
+    }
+    columns["× call vs ref"] = columns["ref call µs"] / columns["call µs"]
+    columns["× call compiled vs ref compiled"] = columns["ref call compiled µs"] / columns["call compiled µs"]
+    columns["limit"] = limit(columns["call µs"], gpu, columns["host µs"], percent(gpu))
+    columns["limit compiled"] = limit(columns["call compiled µs"], gpu_compiled, columns["host compiled µs"],
+                                      percent(gpu_compiled))
+    return columns
+
+
+def op_rows(device: torch.device, selection: Selection, copy_gbps: float, progress=None,
+            budget_s: Optional[float] = None, on_rows: Optional[Callable[[list[dict]], None]] = None) -> list[dict]:
+    """One row per (op, shape, dtype, layout), checked against the eager reference, then timed.
+
+    ``progress`` (a tqdm bar) advances by one per row. With ``budget_s``, a configuration is started only
+    while that many seconds have not passed; the rows left out say so. ``on_rows`` is given the rows so far
+    after each configuration (to write them as the run goes).
+    """
+    # Everything on one side stream: graph capture needs one, and backward closures must run their forward
+    # on the stream their backward is captured on (see gpu_time_us).
+    with torch.cuda.stream(torch.cuda.Stream(device)):
+        rows = _op_rows(device, selection, copy_gbps, progress, budget_s, on_rows)
+    torch.cuda.synchronize(device)
     torch._dynamo.reset()
     return rows
 
 
-def main(argv=None) -> int:
-    """The op table on its own: print it, and write it with --out."""
+def _op_rows(device, selection, copy_gbps, progress, budget_s, on_rows) -> list[dict]:
+    """:func:`op_rows` on the current stream."""
+    started = time.perf_counter()
+    batch, rows = selection.batch, []
+    for (C, H, W), layout, dtype_name in selection.configurations():
+        over_budget = budget_s is not None and time.perf_counter() - started > budget_s
+        dtype = DTYPES[dtype_name]
+        element_size = torch.empty((), dtype=dtype).element_size()
+        sets: list[dict] = []
+        if not over_budget:
+            torch._dynamo.reset()  # each problem compiles statically, and never hits the recompile limit
+            implementations = {name: functions(name) for name in IMPLEMENTATIONS}
+        for op in OPS:
+            min_bytes = bytes_model.op_min_bytes(op, BRANCHES, batch * C * H * W, element_size)
+            row = {"op": op, "C×H×W": f"{C}×{H}×{W}", "B": batch, "M": BRANCHES, "dtype": dtype_name,
+                   "layout": layout, "prologue": "BN+ReLU" if op == "fuse bwd" else "none", "min MB": min_bytes / 1e6}
+            if over_budget:
+                rows.append({**row, "status": "not run", "reason": f"the {budget_s:.0f} s budget was spent"})
+            else:
+                count = input_sets_needed(min_bytes, device)
+                while len(sets) < count:
+                    sets.append({**make_inputs(batch, C, H, W, dtype, layout, device, seed=len(sets)),
+                                 "dtype name": dtype_name})
+                times, wrong, failed = _row_times(op, sets[:count], implementations, selection.quick)
+                rows.append({**row, "input sets": count, **_columns(times, min_bytes, copy_gbps),
+                             "status": "error" if failed else "wrong" if wrong else "ok",
+                             "reason": "; ".join(failed + wrong)})
+            if progress is not None:
+                progress.update(1)
+        del sets
+        torch.cuda.empty_cache()
+        if on_rows is not None:
+            on_rows(rows)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------
+# --host-only: the host path without a GPU.
+
+
+def host_only_rows(calls: int = HOST_ONLY_CALLS, progress=None) -> list[dict]:
+    """µs of host work per call, each op, dtype and layout, with every kernel launch recorded instead of run.
+
+    Three figures per row, each the median of ``calls`` calls timed one by one: the public call as a user
+    makes it (validation, dispatch, the custom op, launcher; for backward, ``torch.autograd.grad`` of one
+    forward), the launcher alone (``sknet_triton.launch``: planning, allocation, argument assembly), and
+    the validation alone (forward ops). Needs the kernel path on CPU tensors (TRITON_INTERPRET=1 set before
+    sknet_triton is imported).
+    """
+    import sknet_triton
+    from sknet_triton import launch, ops
+
+    if sknet_triton.ops.kernel_path(torch.device("cpu")) != "triton-interpreter":
+        raise RuntimeError("--host-only needs TRITON_INTERPRET=1 set before sknet_triton is imported")
+    B, C, H, W = HOST_ONLY_SHAPE
+    rows = []
+    for dtype_name, layout, op in itertools.product(DTYPES, LAYOUTS, OPS):
+        inputs = make_inputs(B, C, H, W, DTYPES[dtype_name], layout, torch.device("cpu"))
+        branches, logits, scale, bias = inputs["branches"], inputs["logits"], inputs["scale"], inputs["bias"]
+        with launch.recording() as launches:
+            call = op_call(op, sknet_triton.sk_fuse, sknet_triton.sk_select, inputs)
+            launcher = {
+                "fuse fwd": lambda: launch.fuse_forward(branches, None, None, False),
+                "fuse bwd": lambda: launch.fuse_relu_backward(inputs["grad_s"], branches, scale, bias),
+                "select fwd": lambda: launch.select_forward(branches, logits, None, None, False),
+                "select bwd": lambda: launch.select_backward(inputs["grad_out"], branches, logits, None, None,
+                                                             False),
+            }[op]
+            figures = {"call µs": _median_us(call, calls, launches), "launcher µs": _median_us(launcher, calls, launches)}
+            if op.endswith("fwd"):
+                needs_logits = op == "select fwd"
+                figures["validation µs"] = _median_us(
+                    lambda: ops._check_inputs(op, branches, logits if needs_logits else None, None, None, False,
+                                              needs_logits), calls, launches)
+            call()
+            launched = [entry.family for entry in launches]
+        rows.append({"op": op, "B×C×H×W": "×".join(map(str, HOST_ONLY_SHAPE)), "dtype": dtype_name,
+                     "layout": layout, **figures, "launches per call": len(launched),
+                     "kernel": ",".join(launched)})
+        if progress is not None:
+            progress.update(1)
+    return rows
+
+
+def _median_us(call: Callable, calls: int, launches: list) -> float:
+    """Median µs of ``calls`` calls of ``call``, each timed alone; the recorded launches are dropped after each
+    call, outside the timing."""
+    call()  # the first call fills the plan cache
+    launches.clear()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter_ns()
+        call()
+        times.append(time.perf_counter_ns() - start)
+        launches.clear()
+    return statistics.median(times) / 1e3
+
+
+# --------------------------------------------------------------------------------------------------------
+# Command line.
+
+
+def _parse(argv) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="bf16, channels_last, the largest and smallest shape, shorter do_bench budgets")
+                        help="bf16, channels_last, the largest and smallest shape, fewer repetitions")
     parser.add_argument("--dtypes", help="comma-separated from bf16,fp32 (default: both; --quick: bf16)")
     parser.add_argument("--layouts", help="comma-separated from channels_last,contiguous (default: both; --quick: channels_last)")
     parser.add_argument("--batch", type=int, default=BATCH, help=f"batch size B (default {BATCH})")
-    parser.add_argument("--out", type=Path, help="also write ops.csv and ops.md to this folder")
-    args = parser.parse_args(argv)
+    parser.add_argument("--budget-s", type=float,
+                        help="start no new configuration after this many seconds (rows left out say so)")
+    parser.add_argument("--host-only", action="store_true",
+                        help="no GPU needed: host µs per call up to the launch, launches recorded instead of run")
+    parser.add_argument("--calls", type=int, default=HOST_ONLY_CALLS,
+                        help=f"--host-only: calls each median is taken over (default {HOST_ONLY_CALLS})")
+    parser.add_argument("--out", type=Path, help="also write ops.csv and ops.md (host_only.csv with --host-only) here")
+    return parser, parser.parse_args(argv)
+
+
+def host_only_main(args) -> int:
+    """--host-only: print the host-path table, and write host_only.csv with --out."""
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before sknet_triton is imported: the kernel path on the CPU
+
+    device = torch.device("cpu")
+    with tqdm(total=len(DTYPES) * len(LAYOUTS) * len(OPS), desc="host-only", unit="row") as progress:
+        table = pd.DataFrame(host_only_rows(args.calls, progress))
+    environment = report.environment(device)
+    print(report.stamp_line(environment))
+    print(f"Host µs per call, median of {args.calls} calls each, launches recorded instead of run "
+          f"(B×C×H×W = {'×'.join(map(str, HOST_ONLY_SHAPE))}, M = {BRANCHES}):")
+    print(report.format_table(table))
+    if args.out:
+        report.write_tables(args.out, environment, {"host_only": table})
+    return 0
+
+
+def main(argv=None) -> int:
+    """The op table on its own: print it, and write it with --out."""
+    parser, args = _parse(argv)
+    if args.host_only:
+        return host_only_main(args)
     selection = replace(QUICK if args.quick else Selection(), batch=args.batch)
     for option, allowed in (("dtypes", DTYPES), ("layouts", LAYOUTS)):
         value = getattr(args, option)
@@ -206,18 +502,39 @@ def main(argv=None) -> int:
     if reason:
         print(f"Op table skipped: {reason}.")
         return 0
-    copy_gbps = copy_bandwidth(device, args.quick)
-    with tqdm(total=selection.rows, desc="ops", unit="row") as progress:
-        table = pd.DataFrame(op_rows(device, selection, copy_gbps, progress))
     environment = report.environment(device)
-    print(report.stamp_line(environment))
-    print(f"Device-to-device copy bandwidth: {copy_gbps:.0f} GB/s (read + write)")
+    copy_gbps = copy_bandwidth(device, args.quick)
+    print(report.stamp_line(environment), flush=True)
+    print(f"Device-to-device copy bandwidth: {copy_gbps:.0f} GB/s (read + write)", flush=True)
+
+    def write(rows):
+        if args.out:
+            report.write_tables(args.out, environment, {"ops": pd.DataFrame(rows)})
+
+    with tqdm(total=selection.rows, desc="ops", unit="row") as progress:
+        table = pd.DataFrame(op_rows(device, selection, copy_gbps, progress, args.budget_s, write))
     print(report.format_table(table))
     if args.out:
-        report.write_tables(args.out, environment, {"ops": table})
-        config = {"batch": args.batch, "M": BRANCHES, "quick": args.quick, "copy GB/s": round(copy_gbps)}
-        report.write_markdown(args.out / "ops.md", environment, config, [("Ops", report.markdown_table(table))], [])
+        write(table.to_dict("records"))
+        config = {"batch": args.batch, "M": BRANCHES, "quick": args.quick, "copy GB/s": round(copy_gbps),
+                  "kernel path": _kernel_path(device), "tuned table": _tuned_table_name(device)}
+        notes = [__doc__.split("\n\n")[1].replace("\n", " ")]
+        report.write_markdown(args.out / "ops.md", environment, config, [("Ops", report.markdown_table(table))], notes)
     return 0
+
+
+def _kernel_path(device: torch.device) -> str:
+    from sknet_triton.ops import kernel_path
+
+    return kernel_path(device)
+
+
+def _tuned_table_name(device: torch.device) -> str:
+    """The tuned table the launches read on ``device``, or "none (defaults)"."""
+    from sknet_triton import launch
+
+    arch = launch.arch_name(device)
+    return f"sknet_triton/tuned/{arch}.json" if launch.tuned_table(arch) else "none (defaults)"
 
 
 if __name__ == "__main__":

@@ -71,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="PyTorch CPU threads [PyTorch's default / 1: a CPU run shares the machine with its "
                              "other processes, and one thread is disturbed least by them]")
     parser.add_argument("--no-ops", action="store_true", help="leave out the op table")
+    parser.add_argument("--no-latency", action="store_true",
+                        help="leave out the small-batch latency table (GPU only: B = 1, 8, 32 under CUDA graphs)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs (default 0)")
     parser.add_argument("--out", type=Path,
                         help="results folder, new or without results (default perf/results/<device>-<date>/, "
@@ -228,14 +230,30 @@ def main(argv=None) -> int:
             op_table = pd.DataFrame(ops.op_rows(device, op_selection, copy_gbps, progress))
 
     written = write_all(out_dir, env, config, notes, copy_gbps, models, op_table, bytes_table, ops_skipped, args)
+    latency = None if args.no_latency or device.type != "cuda" else latency_table(bench_config, out_dir, env)
+    if latency is not None:
+        written += report.write_tables(out_dir, env, {"latency": latency})
     print()
     print(report.stamp_line(env))
     print("Configuration: " + ", ".join(f"{k} {v}" for k, v in config.items()))
     for title, body in sections(models, op_table, bytes_table, copy_gbps, ops_skipped, args):
         print(f"\n== {title} ==\n{body if isinstance(body, str) else report.format_table(body)}")
+    if latency is not None:
+        print("\n== Small-batch inference latency, torch.compile(mode=\"reduce-overhead\") (CUDA graphs) ==\n"
+              + report.format_table(latency))
     print("\nNotes:\n" + "\n".join(f"- {note}" for note in notes))
     print(f"\nWrote {', '.join(p.name for p in written)} to {out_dir} in {time.perf_counter() - started:.0f} s")
     return 0
+
+
+def latency_table(bench_config, out_dir, env) -> pd.DataFrame:
+    """The small-batch latency rows (model_bench.latency_rows), written to latency.csv as each is done."""
+    rows = []
+    for row in tqdm(model_bench.latency_rows(bench_config), total=2 * len(model_bench.LATENCY_BATCHES),
+                    desc="latency", unit="row"):
+        rows.append(row)
+        report.write_tables(out_dir, env, {"latency": model_bench.latency_speedups(rows)})
+    return model_bench.latency_speedups(rows)
 
 
 def sections(models, op_table, bytes_table, copy_gbps, ops_skipped, args) -> list[tuple[str, object]]:

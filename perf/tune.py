@@ -1,0 +1,378 @@
+"""Tune the launch configurations of every kernel family on the GPU at hand; write its tuned table.
+
+For each kernel family (fuse and select, forward and backward), SKNet-50 SK shape, dtype and layout
+(M = 2, B = 128), candidate :class:`sknet_triton.launch.Config` values are forced on the launcher
+(``launch.forcing_config``) and timed by GPU time alone (perf/ops.py's CUDA-graph replay over input sets
+that overflow the L2 cache). The grid is searched one coordinate at a time, the way these memory-bound
+kernels respond:
+
+1. tile size x warps (the bytes in flight per program and the threads that issue them);
+2. programs per SM (how finely H*W is split: parallelism against atomic partial sums), with 1's winner;
+3. software-pipelining stages, with 2's winner.
+
+Kernels are compiled ahead of each timing phase by worker processes that launch every candidate once
+(filling Triton's on-disk cache), so the timing process only loads them. Each winner is checked against
+the plain-PyTorch reference before it is written to ``sknet_triton/tuned/sm_<cc>.json`` (format:
+sknet_triton/tuned/README.md), stamped with the GPU, torch, triton and the commit; every candidate's
+time goes to ``--out``/tune.csv.
+
+    python perf/tune.py [--budget-s 270] [--jobs N] [--out DIR]
+    python perf/tune.py --dry-run      # tiny grid and shapes, on the CPU through Triton's interpreter
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import itertools
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from perf import ops, report
+from perf.accuracy import OP_TOLERANCE, relative_error
+
+FAMILIES = ("fuse_fwd", "fuse_bwd", "select_fwd", "select_bwd")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The values each coordinate of the search takes."""
+
+    forward_tiles: tuple = (4096, 8192, 16384)
+    backward_tiles: tuple = (2048, 4096, 8192)  # backward kernels stream 2M + 1 tensors: smaller tiles
+    warps: tuple = (4, 8)
+    programs_per_sm: tuple = (4, 8, 16, 32)
+    stages: tuple = (2, 3, 4)
+    replays: int = 10
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One tuned-table entry's problem."""
+
+    family: str
+    dtype: str
+    channels_last: bool
+    B: int
+    C: int
+    H: int
+    W: int
+
+    @property
+    def layout(self) -> str:
+        return "channels_last" if self.channels_last else "contiguous"
+
+    @property
+    def op(self) -> str:
+        """The op-table name of the family."""
+        return self.family.replace("_", " ")
+
+
+GPU_GRID = Grid()
+GPU_SHAPES = ops.SHAPES
+DRY_GRID = Grid(forward_tiles=(2048, 4096), backward_tiles=(2048,), warps=(4,), programs_per_sm=(4, 16),
+                stages=(2, 3), replays=2)
+DRY_SHAPES = ((16, 4, 4),)
+DRY_BATCH = 2
+
+
+def problems(shapes, dtypes, layouts, batch: int) -> list[Problem]:
+    """Every (family, shape, dtype, layout), shape by shape from the largest."""
+    return [Problem(family, dtype, layout == "channels_last", batch, C, H, W)
+            for (C, H, W), layout, dtype, family in itertools.product(shapes, layouts, dtypes, FAMILIES)]
+
+
+def _launcher_call(problem: Problem, inputs: dict) -> Callable[[], object]:
+    """One launch of the problem's family through its launcher (what the op calls), on ``inputs``."""
+    from sknet_triton import launch
+
+    branches, logits = inputs["branches"], inputs["logits"]
+    if problem.family == "fuse_fwd":
+        return lambda: launch.fuse_forward(branches, None, None, False)
+    if problem.family == "fuse_bwd":
+        return lambda: launch.fuse_relu_backward(inputs["grad_s"], branches, inputs["scale"], inputs["bias"])
+    if problem.family == "select_fwd":
+        return lambda: launch.select_forward(branches, logits, None, None, False)
+    return lambda: launch.select_backward(inputs["grad_out"], branches, logits, None, None, False)
+
+
+def _reference(problem: Problem, inputs: dict) -> list:
+    """What the problem's launcher must return, by the plain-PyTorch reference and autograd."""
+    from sknet_triton import reference
+
+    branches, logits = inputs["branches"], inputs["logits"]
+    if problem.family == "fuse_fwd":
+        return [reference.sk_fuse(branches)]
+    if problem.family == "select_fwd":
+        return [reference.sk_select(branches, logits)]
+    leaves = [b.detach().requires_grad_() for b in branches]
+    if problem.family == "fuse_bwd":
+        out = reference.sk_fuse(leaves, inputs["scale"], inputs["bias"], True)
+        return list(torch.autograd.grad(out, leaves, inputs["grad_s"]))
+    logits_leaf = logits.detach().requires_grad_()
+    return list(torch.autograd.grad(reference.sk_select(leaves, logits_leaf), leaves + [logits_leaf], inputs["grad_out"]))
+
+
+def _inputs(problem: Problem, device: torch.device, seed: int) -> dict:
+    return ops.make_inputs(problem.B, problem.C, problem.H, problem.W, ops.DTYPES[problem.dtype], problem.layout,
+                           device, seed)
+
+
+def _min_bytes(problem: Problem) -> int:
+    element_size = torch.empty((), dtype=ops.DTYPES[problem.dtype]).element_size()
+    return ops.bytes_model.op_min_bytes(problem.op, ops.BRANCHES, problem.B * problem.C * problem.H * problem.W,
+                                        element_size)
+
+
+def candidates(problem: Problem, grid: Grid, stage: int, best=None) -> list:
+    """The configurations of search ``stage`` (1, 2 or 3) for ``problem``; ``best``: the previous stage's winner."""
+    from sknet_triton import launch
+
+    default = launch.default_config(problem.family, ops.BRANCHES)
+    if stage == 1:
+        tiles = grid.backward_tiles if launch.FAMILIES[problem.family].backward else grid.forward_tiles
+        return [launch.Config(t, w, default.num_stages, default.programs_per_sm)
+                for t, w in itertools.product(tiles, grid.warps)]
+    if stage == 2:
+        return [launch.Config(best.tile_bytes, best.num_warps, best.num_stages, p) for p in grid.programs_per_sm]
+    return [launch.Config(best.tile_bytes, best.num_warps, s, best.programs_per_sm) for s in grid.stages]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Compiling ahead: worker processes launch each candidate once, which fills Triton's on-disk cache.
+
+
+def _compile_in_worker(problem: Problem, configs: list) -> int:
+    """Launch ``problem`` once with each of ``configs`` on this process's GPU (run in a worker process)."""
+    from sknet_triton import launch
+
+    device = torch.device("cuda")
+    call = _launcher_call(problem, _inputs(problem, device, seed=0))
+    for config in configs:
+        with launch.forcing_config(config):
+            call()
+    torch.cuda.synchronize()
+    return len(configs)
+
+
+def compile_ahead(pool, work: list[tuple[Problem, list]], desc: str) -> None:
+    """Compile every (problem, configs) of ``work`` in ``pool`` (None: nothing, the timing compiles)."""
+    if pool is None or not work:
+        return
+    futures = [pool.submit(_compile_in_worker, problem, configs) for problem, configs in work]
+    with tqdm(total=sum(len(c) for _, c in work), desc=desc, unit="kernel", mininterval=2) as bar:
+        for future in concurrent.futures.as_completed(futures):
+            bar.update(future.result())
+
+
+# --------------------------------------------------------------------------------------------------------
+# Timing and checking.
+
+
+def _wall_time_us(calls: list, repeats: int) -> float:
+    """The CPU stand-in for GPU time in a dry run: median wall time of a call."""
+    times = []
+    for index in range(repeats):
+        start = time.perf_counter()
+        calls[index % len(calls)]()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+class Timer:
+    """Times candidate configurations of problems, keeping each problem's input sets between stages."""
+
+    def __init__(self, device: torch.device, grid: Grid):
+        self.device, self.grid = device, grid
+        self.inputs: dict[Problem, list[dict]] = {}
+
+    def sets(self, problem: Problem) -> list[dict]:
+        """The problem's input sets (enough to overflow the L2 cache on a GPU; one on the CPU)."""
+        if problem not in self.inputs:
+            self.inputs.clear()  # one problem at a time in memory
+            count = ops.input_sets_needed(_min_bytes(problem), self.device) if self.device.type == "cuda" else 1
+            self.inputs[problem] = [_inputs(problem, self.device, seed) for seed in range(count)]
+        return self.inputs[problem]
+
+    def time_us(self, problem: Problem, config) -> float:
+        """GPU µs of one launch of ``problem`` with ``config`` (wall µs on the CPU)."""
+        from sknet_triton import launch
+
+        calls = [_launcher_call(problem, inputs) for inputs in self.sets(problem)]
+        with launch.forcing_config(config):
+            if self.device.type == "cuda":
+                return ops.gpu_time_us(calls, self.grid.replays)
+            calls[0]()  # the interpreter's first call is slower
+            return _wall_time_us(calls, self.grid.replays)
+
+
+def verify(problem: Problem, config, device: torch.device) -> float:
+    """Relative error of ``problem``'s launcher with ``config`` against the reference, on fresh inputs. On a
+    GPU, a block as large as the outputs is filled with NaN and freed first: the caching allocator likely
+    hands it to the outputs, so that an element never written shows as NaN."""
+    from sknet_triton import launch
+
+    inputs = _inputs(problem, device, seed=1234)
+    expected = _reference(problem, inputs)
+    if device.type == "cuda":
+        poison = torch.full((4 * sum(e.numel() for e in expected),), float("nan"), device=device)
+        del poison
+    with launch.forcing_config(config):
+        actual = ops.outputs(_launcher_call(problem, inputs)())
+    return relative_error(actual, expected)
+
+
+def tune(problem_list: list[Problem], grid: Grid, device: torch.device, budget_s: float,
+         pool=None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Search every problem's configurations (see the module docstring) and check each winner.
+
+    Returns the winners (one row per problem: its best configuration and time beside the default's, and
+    the check) and every candidate timed. Problems not reached within ``budget_s`` are left untuned (their
+    rows say so)."""
+    from sknet_triton import launch
+
+    started = time.perf_counter()
+    timer = Timer(device, grid)
+    records, best = [], {}
+
+    def over_budget():
+        return time.perf_counter() - started > budget_s
+
+    def run_stage(stage: int, todo: list[Problem]):
+        work = [(p, candidates(p, grid, stage, best.get(p, (None,))[0])) for p in todo]
+        compile_ahead(pool, work, f"compile stage {stage}")
+        for problem, configs in tqdm(work, desc=f"time stage {stage}", unit="problem"):
+            if over_budget():
+                break
+            for config in configs:
+                if any(r["problem"] == problem and r["config"] == config for r in records):
+                    continue  # measured in an earlier stage
+                try:
+                    us = timer.time_us(problem, config)
+                except Exception as error:  # a candidate that fails to compile or launch is recorded, not fatal
+                    records.append({"problem": problem, "stage": stage, "config": config, "µs": float("nan"),
+                                    "error": ops.describe_error(error)})
+                    continue
+                records.append({"problem": problem, "stage": stage, "config": config, "µs": us, "error": ""})
+            timed = [r for r in records if r["problem"] == problem and r["µs"] == r["µs"]]
+            if timed:
+                winner = min(timed, key=lambda r: r["µs"])
+                best[problem] = (winner["config"], winner["µs"])
+
+    # On a side stream: CUDA-graph capture needs one.
+    with torch.cuda.stream(torch.cuda.Stream(device)) if device.type == "cuda" else contextlib.nullcontext():
+        for stage in (1, 2, 3):
+            run_stage(stage, [p for p in problem_list if stage == 1 or p in best])
+        # The untuned time beside every winner: the default is a stage-1 candidate of the GPU grid, so
+        # usually measured already.
+        defaults = {}
+        for problem in tqdm(list(best), desc="defaults and checks", unit="problem"):
+            default = launch.default_config(problem.family, ops.BRANCHES)
+            measured = [r["µs"] for r in records if r["problem"] == problem and r["config"] == default]
+            defaults[problem] = measured[0] if measured else timer.time_us(problem, default)
+    rows = []
+    for problem in problem_list:
+        base = {**asdict(problem), "layout": problem.layout}
+        if problem not in best:
+            rows.append({**base, "status": "not tuned", "reason": f"not reached within {budget_s:.0f} s"})
+            continue
+        config, us = best[problem]
+        error = verify(problem, config, device)
+        tolerance = OP_TOLERANCE[problem.dtype]
+        ok = error <= tolerance
+        rows.append({**base, **asdict(config), "best µs": us, "default µs": defaults[problem],
+                     "× vs default": defaults[problem] / us, "candidates": sum(r["problem"] == problem for r in records),
+                     "check err": error, "status": "ok" if ok else "wrong",
+                     "reason": "" if ok else f"differs from the reference by {error:.3g} > {tolerance:g}; not written"})
+    candidates_table = pd.DataFrame([{**asdict(r["problem"]), "stage": r["stage"], **asdict(r["config"]),
+                                      "µs": r["µs"], "error": r["error"]} for r in records])
+    return pd.DataFrame(rows), candidates_table
+
+
+def table_json(winners: pd.DataFrame, env: dict, arch: str) -> dict:
+    """The tuned table (sknet_triton/tuned/README.md's format) of the checked winners."""
+    config_fields = ("tile_bytes", "num_warps", "num_stages", "programs_per_sm")
+    entries = [{"family": r["family"], "dtype": r["dtype"], "channels_last": bool(r["channels_last"]), "M": ops.BRANCHES,
+                "B": int(r["B"]), "C": int(r["C"]), "HW": int(r["H"] * r["W"]),
+                "config": {f: int(r[f]) for f in config_fields}}
+               for r in winners[winners["status"] == "ok"].to_dict("records")]
+    return {"arch": arch, "gpu": env["device"], "torch": env["torch"], "triton": env["triton"],
+            "commit": env["commit"], "date": env["date"], "entries": entries}
+
+
+def _pool(jobs: int):
+    """Worker processes that compile on the GPU (spawned: CUDA does not survive a fork)."""
+    if jobs <= 0:
+        return None
+    return concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"))
+
+
+def main(argv=None) -> int:
+    """Tune, check, write the table; exit 1 if a winner failed its check."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget-s", type=float, default=270,
+                        help="time no new problem after this many seconds (default 270: under 5 minutes in all)")
+    parser.add_argument("--jobs", type=int, default=min(12, os.cpu_count() or 1),
+                        help="worker processes compiling ahead (0: compile while timing)")
+    parser.add_argument("--dtypes", default="bf16,fp32", help="comma-separated from bf16,fp32")
+    parser.add_argument("--layouts", default="channels_last,contiguous", help="comma-separated from channels_last,contiguous")
+    parser.add_argument("--table", type=Path, help="where to write the tuned table (default sknet_triton/tuned/sm_<cc>.json)")
+    parser.add_argument("--out", type=Path, help="also write tune.csv (every candidate) and winners.csv here")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="tiny grid and shapes on the CPU through Triton's interpreter; the table goes to a temporary folder")
+    args = parser.parse_args(argv)
+    dtypes, layouts = tuple(args.dtypes.split(",")), tuple(args.layouts.split(","))
+    if not set(dtypes) <= set(ops.DTYPES) or not set(layouts) <= set(ops.LAYOUTS):
+        parser.error("--dtypes from bf16,fp32; --layouts from channels_last,contiguous")
+    if args.dry_run:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before sknet_triton is imported
+        device, grid, shapes, batch, jobs, arch = torch.device("cpu"), DRY_GRID, DRY_SHAPES, DRY_BATCH, 0, "dry_run"
+        table_path = args.table or Path(tempfile.mkdtemp(prefix="sknet_tune_")) / "sm_dry_run.json"
+    else:
+        if not torch.cuda.is_available():
+            parser.error("tuning needs a CUDA GPU (--dry-run runs a tiny grid on the CPU)")
+        from sknet_triton import launch
+
+        device, grid, shapes, batch, jobs = torch.device("cuda"), GPU_GRID, GPU_SHAPES, ops.BATCH, args.jobs
+        arch = launch.arch_name(device)
+        table_path = args.table or launch.TUNED_DIR / f"{arch}.json"
+    from sknet_triton import ops as sk_ops
+
+    if sk_ops.kernel_path(device) == "reference":
+        parser.error(f"the ops run the reference on {device.type}; nothing to tune")
+
+    env = report.environment(device)
+    print(report.stamp_line(env), flush=True)
+    problem_list = problems(shapes, dtypes, layouts, batch)
+    pool = _pool(jobs)
+    try:
+        winners, every = tune(problem_list, grid, device, args.budget_s, pool)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    table_path.parent.mkdir(parents=True, exist_ok=True)
+    table_path.write_text(json.dumps(table_json(winners, env, arch), indent=1) + "\n")
+    if args.out:
+        report.write_tables(args.out, env, {"tune": every, "winners": winners})
+    print(report.format_table(winners))
+    print(f"Wrote {int((winners['status'] == 'ok').sum())} entries to {table_path}")
+    return 0 if (winners["status"] != "wrong").all() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""perf/tune.py and the launcher's config override it times candidates with."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from sknet_triton import launch
+from tests.helpers import requires_kernels
+from tests.ops_inputs import make_branches, make_logits
+
+REPO = Path(__file__).resolve().parents[1]
+FORCED = launch.Config(tile_bytes=2048, num_warps=2, num_stages=2, programs_per_sm=1)
+
+
+def select_launch():
+    branches = make_branches((2, 24, 9, 11), 2, torch.float32, True, stacked=False)
+    with launch.recording() as launches:
+        launch.select_forward(branches, make_logits(2, 2, 24, torch.float32), None, None, False)
+    return launches[0]
+
+
+@requires_kernels
+def test_forcing_config_steers_every_launch_and_ends_with_the_block():
+    before = select_launch()
+    with launch.forcing_config(FORCED):
+        assert launch.choose_config((), "select_bwd", torch.bfloat16, False, 3, 1, 1, 1) == FORCED
+        forced = select_launch()
+    after = select_launch()
+    assert forced.options == dict(num_warps=FORCED.num_warps, num_stages=FORCED.num_stages)
+    assert forced.constexprs["BLOCK_C"] * forced.constexprs["BLOCK_HW"] == FORCED.tile_bytes // 4
+    # The cached plan of the block is gone with it: the same problem launches as before.
+    assert after.options == before.options != forced.options
+    assert after.constexprs == before.constexprs
+
+
+def test_dry_run_writes_a_table_launch_reads(tmp_path):
+    table = tmp_path / "sm_test.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, str(REPO / "perf" / "tune.py"), "--dry-run", "--dtypes", "fp32",
+                             "--table", str(table), "--out", str(tmp_path)],
+                            capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(table.read_text())
+    assert {"arch", "gpu", "torch", "triton", "commit", "entries"} <= set(data)
+    entries = launch.read_table(table)
+    assert {(e.family, e.channels_last) for e in entries} == {
+        (f, cl) for f in launch.FAMILIES for cl in (True, False)}
+    winners = pd.read_csv(tmp_path / "winners.csv")
+    assert (winners["status"] == "ok").all() and (winners["check err"] < 1e-4).all()
+    candidates = pd.read_csv(tmp_path / "tune.csv")
+    assert set(candidates["stage"]) == {1, 2, 3} and candidates["µs"].gt(0).all()
+    # Each winner is the fastest candidate measured for its problem.
+    for winner in winners.to_dict("records"):
+        mine = candidates[(candidates["family"] == winner["family"]) & (candidates["channels_last"] == winner["channels_last"])]
+        assert winner["best µs"] == mine["µs"].min()
