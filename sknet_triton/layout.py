@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+
 def image_layout(u: Tensor) -> Optional[bool]:
     """Layout of each image of a 4-D [B, C, H, W] tensor.
 
@@ -20,13 +21,9 @@ def image_layout(u: Tensor) -> Optional[bool]:
     """
     _, c, h, w = u.shape
     _, sc, sh, sw = u.stride()
-
-    def fits(size, stride, dense):
-        return size == 1 or stride == dense
-
-    if fits(w, sw, 1) and fits(h, sh, w) and fits(c, sc, h * w):
+    if (w == 1 or sw == 1) and (h == 1 or sh == w) and (c == 1 or sc == h * w):
         return False
-    if fits(c, sc, 1) and fits(w, sw, c) and fits(h, sh, w * c):
+    if (c == 1 or sc == 1) and (w == 1 or sw == c) and (h == 1 or sh == w * c):
         return True
     return None
 
@@ -39,12 +36,16 @@ def branch_views(branches: Sequence[Tensor]) -> list[Tensor]:
 
 
 def _shared_layout(views: Sequence[Tensor]) -> Optional[bool]:
-    """The layout all views share with one batch stride, or None when they do not."""
+    """The layout all views (of one shape) share with one batch stride, or None when they do not."""
+    strides = views[0].stride()
     layout = image_layout(views[0])
-    stride = views[0].stride(0)
-    if layout is not None and all(image_layout(v) == layout and v.stride(0) == stride for v in views):
-        return layout
-    return None
+    if layout is None:
+        return None
+    for v in views[1:]:
+        other = v.stride()  # the same strides are the same layout; different ones may still be (sizes of 1)
+        if other != strides and (other[0] != strides[0] or image_layout(v) != layout):
+            return None
+    return layout
 
 
 def kernel_views(branches: Sequence[Tensor]) -> tuple[list[Tensor], bool, int]:

@@ -63,6 +63,18 @@ def _dispatch_to_kernels(device: torch.device) -> bool:
     return uses_triton(device)
 
 
+def _launch_directly(u: Tensor) -> bool:
+    """Whether a call may skip the operator's dispatch and go straight to the launcher: eager inference on
+    plain tensors, where no autograd graph is recorded and no graph is traced or compiled. The operator
+    costs the host more than the launch itself (perf/NOTES.md)."""
+    return (
+        not torch.is_grad_enabled()
+        and type(u) is Tensor
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+    )
+
+
 # --------------------------------------------------------------------------------------------------------
 # Validation: every check on user input is here, and runs before any kernel is launched.
 
@@ -180,6 +192,8 @@ def sk_fuse(
     """
     tensors, views = _check_inputs("sk_fuse", branches, None, scale, bias, relu, needs_logits=False)
     if _dispatch_to_kernels(views[0].device):
+        if _launch_directly(views[0]):
+            return launch.fuse_forward(tensors, scale, bias, relu)
         return torch.ops.sknet_triton.sk_fuse(tensors, scale, bias, relu)
     return reference.sk_fuse(views, scale, bias, relu)
 
@@ -206,6 +220,8 @@ def sk_select(
     """
     tensors, views = _check_inputs("sk_select", branches, logits, scale, bias, relu, needs_logits=True)
     if _dispatch_to_kernels(views[0].device):
+        if _launch_directly(views[0]):
+            return launch.select_forward(tensors, logits, scale, bias, relu)
         return torch.ops.sknet_triton.sk_select(tensors, logits, scale, bias, relu)
     fmt = torch.channels_last if kernel_layout(tensors) else torch.contiguous_format
     return reference.sk_select(views, logits, scale, bias, relu).contiguous(memory_format=fmt)

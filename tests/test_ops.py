@@ -223,3 +223,23 @@ def test_backward_keeps_only_what_it_needs():
         assert saved == [], "sk_fuse without ReLU needs no tensor for its backward"
         ops.sk_select(branches, logits)
     assert sorted(saved) == sorted([(2, 8, 4, 4)] * 2 + [(2, 2, 8)]), f"sk_select saved {saved}"
+
+
+def test_inference_calls_launch_directly_and_match(monkeypatch):
+    # Without grad mode, eager calls skip the operator (whose body checks the device first) and launch
+    # the same kernels; with it, they go through the operator.
+    through_operator = []
+    require = ops._require_kernels
+    monkeypatch.setattr(ops, "_require_kernels", lambda t: through_operator.append(t) or require(t))
+    branches = make_branches((2, 12, 5, 6), 2, torch.float32, True, stacked=False)
+    scale, bias, relu = make_prologue("affine_relu", 2, 12)
+    logits = make_logits(2, 2, 12)
+    s_expected, out_expected, _ = oracle(branches, logits, scale, bias, relu)
+    with torch.no_grad(), poisoned_allocations(monkeypatch):
+        s, out = ops.sk_fuse(branches, scale, bias, relu), ops.sk_select(branches, logits, scale, bias, relu)
+    assert through_operator == []
+    assert_close(s, s_expected, torch.float32, "sk_fuse")
+    assert_close(out, out_expected, torch.float32, "sk_select")
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    ops.sk_fuse(branches, scale.detach(), bias.detach(), relu)
+    assert len(through_operator) == 1
