@@ -6,13 +6,18 @@ kernels once or twice.
 """
 import copy
 import functools
+import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sknet_triton import SKConv, create_model, ops, reference, set_backend
+from sknet_triton import SKConv, create_model, launch, ops, reference, set_backend
 from tests.helpers import DEVICE, requires_kernels
 from tests.model_helpers import assert_close_relative, assert_grads_as_accurate_as, randomize_batchnorm
 from tests.ops_inputs import as_float64, assert_close, make_branches, poisoned_allocations
@@ -119,6 +124,26 @@ def test_without_affine_parameters(monkeypatch):
     shape, M = (2, 10, 3, 6), 3
     branches = make_branches(shape, M, torch.float32, channels_last=False, stacked=False)
     run_and_check(branches, LinearAttention(shape[0], M, shape[1]), None, None, torch.float32, monkeypatch)
+
+
+@pytest.fixture
+def many_programs(monkeypatch):
+    """Plans as on a large GPU: the H*W axis cut into many chunks."""
+    monkeypatch.setattr(launch, "CPU_MIN_PROGRAMS", 16)
+    launch.plan.cache_clear()
+    yield
+    launch.plan.cache_clear()
+
+
+def test_many_splits(many_programs, monkeypatch):
+    # Per-program statistics of unequal chunks (the last holds one position) combine into the batch's, and
+    # every chunk's share of dlogits and of BatchNorm's sums adds up.
+    shape, M = (2, 8, 9, 9), 2
+    p = launch.plan("bn_stats", 2, 8, 81, M, torch.float32, False, DEVICE)
+    assert p.num_splits > 4 and 81 % p.chunk == 1
+    branches = make_branches(shape, M, torch.float32, channels_last=False, stacked=False)
+    weight, bias = make_affine(M, shape[1], affine=True)
+    run_and_check(branches, LinearAttention(shape[0], M, shape[1]), weight, bias, torch.float32, monkeypatch)
 
 
 def test_one_value_per_channel_is_refused_as_batchnorm_refuses_it():
@@ -281,3 +306,52 @@ def test_model_trains_through_the_kernels(fused_calls):
     assert len(fused_calls) == units > 0
     assert_grads_as_accurate_as(grads[model], grads[baseline], grads[exact])
     assert_buffers_match(model, exact)
+
+
+TRACE_SCRIPT = textwrap.dedent('''
+    import json, torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._functorch.aot_autograd import aot_function
+    from functorch.compile import make_boxed_func
+    from sknet_triton import launch
+
+    assert not launch.INTERPRETED
+    launch.arch_name = lambda device: "sm_90"  # no GPU here to ask: an H100's
+    launch.min_programs = lambda device, config: 132 * config.programs_per_sm
+    T = torch.ops.sknet_triton
+
+    def bn_ops(u0, u1, weight, bias, logits, grad_out, grad_s):
+        s, stats, grad_link, handoff_link = T.sk_fuse_bn_train([u0, u1], weight, bias, 1e-5)
+        out = T.sk_select_bn_train([u0, u1], logits, stats, grad_link, handoff_link)
+        dlogits, handoff = T.sk_select_bn_train_backward(grad_out, [u0, u1], logits, stats)
+        grads, dgamma, dbeta = T.sk_fuse_bn_train_backward(grad_s, grad_out, [u0, u1], stats, handoff)
+        return s, out, dlogits, *grads, dgamma, dbeta
+
+    graphs = []
+    def keep(gm, inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    with FakeTensorMode():
+        def cuda(*shape):
+            t = torch.empty(*shape, device="cuda")
+            return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+        images = (4, 64, 14, 14)
+        aot_function(bn_ops, fw_compiler=keep)(
+            cuda(*images), cuda(*images), cuda(2, 64), cuda(2, 64), cuda(4, 2, 64), cuda(*images), cuda(4, 64))
+    [gm] = graphs
+    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    print(json.dumps({"launches": sum("triton_kernel_wrapper" in str(n.target) for n in calls),
+                      "opaque": sorted({str(n.target) for n in calls if "sknet_triton" in str(n.target)})}))
+''')
+
+
+def test_triton_ops_trace_to_kernel_launches():
+    # On CUDA the ops are triton_ops, which torch.compile traces into their launches: fake CUDA tensors, in a
+    # subprocess where the kernels are the real @triton.jit functions (see tests/test_compiled_path.py).
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", TRACE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    traced = json.loads(result.stdout.strip().splitlines()[-1])
+    # statistics, fuse, select, then the two backward passes
+    assert traced == {"launches": 5, "opaque": []}, traced
