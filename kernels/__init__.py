@@ -1,8 +1,10 @@
-"""Triton device code for the Selective Kernel fuse and select operations.
+"""Triton device code for the Selective Kernel fuse and select operations, and for the branches'
+training-mode BatchNorm inside them.
 
 Only ``@triton.jit`` functions (and the facts their signatures fix) live here; launch parameters,
 validation and autograd are in ``sknet_triton.launch`` and ``sknet_triton.ops``.
 """
+from .batchnorm import sk_bn_stats_kernel, sk_fuse_bn_bwd_kernel, sk_select_bn_bwd_kernel
 from .fuse import sk_fuse_bwd_kernel, sk_fuse_fwd_kernel
 from .select import sk_select_bwd_kernel, sk_select_fwd_kernel
 from .tile import MAX_BRANCHES
@@ -13,4 +15,7 @@ __all__ = [
     "sk_fuse_bwd_kernel",
     "sk_select_fwd_kernel",
     "sk_select_bwd_kernel",
+    "sk_bn_stats_kernel",
+    "sk_select_bn_bwd_kernel",
+    "sk_fuse_bn_bwd_kernel",
 ]

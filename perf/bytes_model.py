@@ -54,6 +54,78 @@ def eager_forward_passes(M: int) -> int:
     return batchnorm_and_relu + stack + attention_sum + mean + multiply + select_sum
 
 
+# Training mode (DESIGN.md §7): every branch needs BatchNorm with the batch's statistics and a ReLU. Counts per
+# SK unit after the convolutions (which write the raw branches Y_m either way).
+
+
+def batchnorm_stats_passes(M: int) -> int:
+    """The batch statistics with BatchNorm inside the kernels: one read of each raw branch."""
+    return M
+
+
+def fused_training_forward_passes(M: int) -> int:
+    """Statistics, then fuse and select with BatchNorm + ReLU in their prologue: 3M + 1."""
+    return batchnorm_stats_passes(M) + fused_forward_passes(M)
+
+
+def select_bn_backward_passes(M: int) -> int:
+    """Pass A, select's backward: reads dV and the M raw branches (dlogits and BatchNorm's sums)."""
+    return M + 1
+
+
+def fuse_bn_backward_passes(M: int) -> int:
+    """Pass B, fuse's backward: reads dV and the M raw branches, writes the M gradients dY_m."""
+    return 2 * M + 1
+
+
+def fused_training_backward_passes(M: int) -> int:
+    """The whole backward with BatchNorm inside the kernels: 3M + 2."""
+    return select_bn_backward_passes(M) + fuse_bn_backward_passes(M)
+
+
+def unfused_training_forward_passes(M: int) -> int:
+    """BatchNorm and ReLU as separate ops before the fused ops (SKConv where the norm is not nn.BatchNorm2d)."""
+    batchnorm = 3 * M  # statistics read; normalisation read, write
+    relu = 2 * M  # in place: read, write
+    return batchnorm + relu + fused_forward_passes(M)
+
+
+def unfused_training_backward_passes(M: int) -> int:
+    """Select's backward, fuse's broadcast gradient added to it, then ReLU's and BatchNorm's backward."""
+    accumulate = 2 * M  # select's dU_m + fuse's expanded ds / HW: read, write
+    relu = 3 * M  # read grad and output, write
+    batchnorm = 5 * M  # read dZ and Y for the two sums, read them again and write dY
+    return select_backward_passes(M) + accumulate + relu + batchnorm
+
+
+def eager_training_forward_passes(M: int) -> int:
+    """timm's SelectiveKernel in training: the eager forward plus BatchNorm's statistics read."""
+    return eager_forward_passes(M) + M
+
+
+def eager_training_backward_passes(M: int) -> int:
+    """timm's SelectiveKernel backward in eager PyTorch, kernel by kernel (an estimate: about 14M)."""
+    multiply = 2 * M + 2 * M  # x * attention: dX (read dV per branch, write) and d(attention) (read dV and x)
+    accumulate = 2 * M  # the stacked branches' two gradients (multiply, and the fuse sum's expanded one)
+    relu = 3 * M
+    batchnorm = 5 * M
+    return multiply + accumulate + relu + batchnorm
+
+
+def training_passes_table(M: int = 2) -> pd.DataFrame:
+    """Passes over one branch per training-mode SK unit: BatchNorm inside the kernels, BatchNorm and ReLU as
+    separate ops before the fused ops, and eager timm; and how many branch-sized tensors backward keeps."""
+    rows = [
+        ("forward", fused_training_forward_passes(M), unfused_training_forward_passes(M),
+         eager_training_forward_passes(M)),
+        ("backward", fused_training_backward_passes(M), unfused_training_backward_passes(M),
+         eager_training_backward_passes(M)),
+        # Y_m; Y_m and P_m; Y_m, P_m and the stacked copy the multiply keeps.
+        ("kept for backward", M, 2 * M, 3 * M),
+    ]
+    return pd.DataFrame(rows, columns=["pass", "BatchNorm in the kernels", "separate BatchNorm + ReLU", "eager timm"])
+
+
 OP_PASSES = {
     "fuse fwd": fuse_forward_passes,
     "fuse bwd": fuse_relu_backward_passes,

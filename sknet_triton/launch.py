@@ -68,6 +68,11 @@ FAMILIES = {
     "fuse_bwd": Family(kernels.sk_fuse_bwd_kernel, backward=True),
     "select_fwd": Family(kernels.sk_select_fwd_kernel, backward=False, flags=("RELU",)),
     "select_bwd": Family(kernels.sk_select_bwd_kernel, backward=True, flags=("RELU",)),
+    # Training-mode BatchNorm + ReLU of the branches (kernels/batchnorm.py): the batch statistics, then the
+    # select and fuse backward passes. The select pass holds 5M float32 accumulators: backward tiles.
+    "bn_stats": Family(kernels.sk_bn_stats_kernel, backward=False),
+    "select_bn_bwd": Family(kernels.sk_select_bn_bwd_kernel, backward=True),
+    "fuse_bn_bwd": Family(kernels.sk_fuse_bn_bwd_kernel, backward=True),
 }
 
 # The untuned defaults. Backward kernels stream 2M + 1 tensors (and the select backward holds M float32
@@ -301,11 +306,19 @@ def _prologue(scale: Optional[Tensor], bias: Optional[Tensor], j: Job):
     return True, scale, bias
 
 
+def _plan(family: str, j: Job) -> Plan:
+    """The plan of ``family``'s launch over the branches of ``j``."""
+    B, C, H, W = j.shape
+    u = j.views[0]
+    return plan(family, B, C, H * W, len(j.views), u.dtype, j.channels_last, u.device,
+                torch.are_deterministic_algorithms_enabled())
+
+
 def _launch(family: str, j: Job, scale: Optional[Tensor], bias: Optional[Tensor], *args, **flags) -> None:
     """Launch ``family``'s kernel over the branches of ``j``; ``args`` and ``flags`` are the kernel's own."""
     B, C, H, W = j.shape
     M, u = len(j.views), j.views[0]
-    p = plan(family, B, C, H * W, M, u.dtype, j.channels_last, u.device, torch.are_deterministic_algorithms_enabled())
+    p = _plan(family, j)
     affine, scale, bias = _prologue(scale, bias, j)
     pointers = list(j.views) + [u] * (kernels.MAX_BRANCHES - M)
     all_args = (*pointers, scale, bias, *args, C, H * W, j.batch_stride, p.chunk)
@@ -388,6 +401,99 @@ def select_backward(
 
 
 # --------------------------------------------------------------------------------------------------------
+# Training-mode BatchNorm + ReLU of the branches inside the kernels (kernels/batchnorm.py). The statistics
+# travel as one float32 [5, M, C] tensor, rows indexed by these names.
+
+BN_SCALE, BN_SHIFT, BN_MEAN, BN_RSTD, BN_VAR = range(5)
+# Select's backward hands fuse's backward a float32 [5, B, M, C] tensor: the logits, then the four sums of
+# kernels/batchnorm.py (a_m * sum dV [P > 0], a_m * sum dV [P > 0] x_hat, sum [P > 0], sum [P > 0] x_hat).
+HANDOFF_ROWS = 5
+
+
+def batch_norm_statistics(branches: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Each raw branch's per-channel batch mean and biased variance over (B, H, W): float32 [M, C] each.
+
+    The kernel leaves one (mean, M2) per program; they are combined here with Chan's formula, as the
+    kernel combines its tiles."""
+    j = job(branches)
+    B, C, H, W = j.shape
+    M, device = len(j.views), j.views[0].device
+    p = _plan("bn_stats", j)
+    partial_mean = torch.empty(M, B * p.num_splits, C, dtype=torch.float32, device=device)
+    partial_m2 = torch.empty_like(partial_mean)
+    if B:
+        _launch("bn_stats", j, None, None, partial_mean, partial_m2)
+    # Positions each split of H*W covers (the last may be short); partial b * num_splits + k is split k.
+    split_counts = (H * W - torch.arange(p.num_splits, device=device) * p.chunk).clamp(max=p.chunk).float()
+    counts = split_counts.repeat(B)[None, :, None]
+    total = B * H * W
+    mean = (partial_mean * counts).sum(1) / total
+    m2 = partial_m2.sum(1) + (counts * (partial_mean - mean[:, None]).square()).sum(1)
+    return mean, m2 / total
+
+
+def batch_norm_train_forward(
+    branches: Sequence[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+) -> tuple[Tensor, Tensor]:
+    """s [B, C] float32 of the branches after BatchNorm with their batch statistics and ReLU, and those
+    statistics as float32 [5, M, C] (rows BN_SCALE, BN_SHIFT, BN_MEAN, BN_RSTD, BN_VAR)."""
+    mean, var = batch_norm_statistics(branches)
+    rstd = torch.rsqrt(var + eps)
+    scale = rstd if weight is None else rstd * weight.float()
+    shift = -mean * scale if bias is None else bias.float() - mean * scale
+    s = fuse_forward(branches, scale, shift, True)
+    return s, torch.stack([scale, shift, mean, rstd, var])
+
+
+def select_bn_backward(grad_out: Tensor, branches: Sequence[Tensor], logits: Tensor, stats: Tensor) -> tuple[Tensor, Tensor]:
+    """Pass A: dlogits (in the logits' dtype) of the select over BatchNorm + ReLU branches, and the float32
+    [5, B, M, C] handoff for :func:`fuse_bn_backward`."""
+    j = job(branches)
+    B, C = j.shape[:2]
+    M = len(j.views)
+    dlogits = torch.zeros(B, M, C, dtype=torch.float32, device=logits.device)
+    handoff = torch.zeros(HANDOFF_ROWS, B, M, C, dtype=torch.float32, device=logits.device)
+    handoff[0].copy_(logits)
+    if B:
+        fmt = torch.channels_last if j.channels_last else torch.contiguous_format
+        grad_out = grad_out.contiguous(memory_format=fmt)
+        _launch(
+            "select_bn_bwd", j, stats[BN_SCALE], stats[BN_SHIFT], stats[BN_MEAN], stats[BN_RSTD],
+            logits.contiguous(), grad_out, dlogits, handoff[1:], grad_out.stride(0),
+        )
+    return dlogits.to(logits.dtype), handoff
+
+
+def fuse_bn_backward(
+    grad_s: Tensor, grad_out: Tensor, branches: Sequence[Tensor], stats: Tensor, handoff: Tensor
+) -> tuple[list[Tensor], Tensor, Tensor]:
+    """Pass B: the raw branches' gradients (structured as ``branches``) through BatchNorm with batch
+    statistics, ReLU, fuse and select, and float32 [M, C] dgamma, dbeta."""
+    j = job(branches)
+    B, C, H, W = j.shape
+    logits, dv_active, dv_x_hat_active, active, x_hat_active = handoff
+    grad_position = (grad_s.float() / (H * W))[:, None]  # ds / HW: fuse's part of dP, [B, 1, C]
+    dbeta = (dv_active + grad_position * active).sum(0)
+    dgamma = (dv_x_hat_active + grad_position * x_hat_active).sum(0)
+    # dY = scale * (dZ - dbeta / n - x_hat * dgamma / n), x_hat = (Y - mean) * rstd: scale * dZ + alpha * Y + offset.
+    scale, mean, rstd = stats[BN_SCALE], stats[BN_MEAN], stats[BN_RSTD]
+    total = B * H * W
+    alpha = -scale * rstd * dgamma / total
+    offset = -scale * dbeta / total - alpha * mean
+    grads = empty_branch_grads(branches, j.channels_last)
+    if B:
+        fmt = torch.channels_last if j.channels_last else torch.contiguous_format
+        grad_out = grad_out.contiguous(memory_format=fmt)
+        grad_views = branch_views(grads)
+        _launch(
+            "fuse_bn_bwd", j, scale, stats[BN_SHIFT], alpha.contiguous(), offset.contiguous(), logits,
+            grad_s.float().contiguous(), grad_out, *_grad_pointers(j, grad_views), grad_out.stride(0),
+            grad_views[0].stride(0),
+        )
+    return grads, dgamma, dbeta
+
+
+# --------------------------------------------------------------------------------------------------------
 # What can be launched, for the ahead-of-time compile check.
 
 
@@ -398,12 +504,16 @@ def example_launches(dtype: torch.dtype, M: int) -> list[Launch]:
     branches = [torch.empty(2, 8, 4, 4, dtype=dtype, device=meta) for _ in range(M)]
     logits = torch.empty(2, M, 8, dtype=dtype, device=meta)
     grad_s, grad_out = torch.empty(2, 8, device=meta), torch.empty(2, 8, 4, 4, dtype=dtype, device=meta)
+    stats, handoff = torch.empty(5, M, 8, device=meta), torch.empty(HANDOFF_ROWS, 2, M, 8, device=meta)
     with recording() as launches:
         for prologue in (None, torch.empty(M, 8, device=meta)):
             fuse_forward(branches, prologue, prologue, False)
             fuse_relu_backward(grad_s, branches, prologue, prologue)
             select_forward(branches, logits, prologue, prologue, False)
             select_backward(grad_out, branches, logits, prologue, prologue, False)
+        batch_norm_statistics(branches)
+        select_bn_backward(grad_out, branches, logits, stats)
+        fuse_bn_backward(grad_s, grad_out, branches, stats, handoff)
     return launches
 
 

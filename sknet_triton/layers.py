@@ -192,7 +192,10 @@ class SKConv(nn.Module):
     In eval mode, when the paths are BatchNorm2d + ReLU and no BatchNorm parameter needs a gradient, each
     path's BatchNorm and ReLU are folded into the fused ops' prologue: the convolution outputs are read
     once and never normalised in memory. The folded constants are recomputed from the current BatchNorm
-    state on every call, so they never go stale.
+    state on every call, so they never go stale. In training mode (and wherever BatchNorm uses the batch's
+    statistics), where the ops run the kernels and every path is exactly BatchNorm2d + ReLU, the kernels
+    compute the batch statistics and apply BatchNorm and ReLU as they load the convolution outputs
+    (:func:`sknet_triton.ops.sk_fuse_select_bn`); the running statistics are updated as BatchNorm2d does.
     """
 
     def __init__(
@@ -259,6 +262,8 @@ class SKConv(nn.Module):
             branches = [path(xi) for path, xi in zip(self.paths, inputs)]
             s = reference.sk_fuse(branches)
             return reference.sk_select(branches, self.attn(s))
+        if self._normalises_with_batch_statistics(x):
+            return self._forward_batch_statistics(inputs)
         if self._folds_batchnorm():
             branches = [path.conv(xi) for path, xi in zip(self.paths, inputs)]
             scale, bias = self._folded_batchnorm()
@@ -269,6 +274,35 @@ class SKConv(nn.Module):
             relu = False
         s = ops.sk_fuse(branches, scale, bias, relu)
         return ops.sk_select(branches, self.attn(s), scale, bias, relu)
+
+    def _normalises_with_batch_statistics(self, x: Tensor) -> bool:
+        """Whether the paths' BatchNorm with batch statistics (training, or no running statistics) and ReLU
+        run inside the kernels: every path's norm is exactly nn.BatchNorm2d (a SyncBatchNorm needs statistics
+        from every process and stays a separate op), its activation exactly nn.ReLU, their eps and affine
+        agree, and the ops run the kernels."""
+        if not ops.uses_triton(x.device) or x.shape[0] == 0:
+            return False
+        for path in self.paths:
+            bn = path.bn
+            if type(bn) is not nn.BatchNorm2d or type(path.act) is not nn.ReLU:
+                return False
+            if not (bn.training or bn.running_mean is None) or _affine_kind(bn) != _affine_kind(self.paths[0].bn):
+                return False
+        return True
+
+    def _forward_batch_statistics(self, inputs: Sequence[Tensor]) -> Tensor:
+        """The unit with each path's BatchNorm (batch statistics) and ReLU applied inside the kernels, and
+        the running statistics updated as nn.BatchNorm2d updates them."""
+        branches = [path.conv(xi) for path, xi in zip(self.paths, inputs)]
+        norms = [path.bn for path in self.paths]
+        weight = None if norms[0].weight is None else torch.stack([bn.weight for bn in norms])
+        bias = None if norms[0].bias is None else torch.stack([bn.bias for bn in norms])
+        out, mean, var = ops.sk_fuse_select_bn(branches, self.attn, weight, bias, float(norms[0].eps))
+        B, _, H, W = branches[0].shape
+        for m, bn in enumerate(norms):
+            if bn.training and bn.track_running_stats and bn.running_mean is not None:
+                _update_running_statistics(bn, mean[m], var[m], B * H * W)
+        return out
 
     def _folds_batchnorm(self) -> bool:
         """Whether eval-mode BatchNorm + ReLU of the paths go into the ops' prologue."""
@@ -301,6 +335,26 @@ class SKConv(nn.Module):
             f"in_channels={self.in_channels}, out_channels={self.out_channels}, M={self.num_paths}, "
             f"backend={self.backend!r}"
         )
+
+
+def _affine_kind(bn: nn.BatchNorm2d) -> tuple:
+    """What the paths' BatchNorms must share to run in the kernels together: eps, and which affine
+    parameters exist."""
+    return bn.eps, bn.weight is None, bn.bias is None
+
+
+@torch.no_grad()
+def _update_running_statistics(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
+    """nn.BatchNorm2d's training-time update from a batch's mean and biased variance over ``count`` values:
+    an exponential average with its momentum, or the cumulative average over num_batches_tracked when
+    momentum is None; the running variance is unbiased."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            momentum = 1.0 / bn.num_batches_tracked
+    bn.running_mean.mul_(1 - momentum).add_(momentum * mean)
+    bn.running_var.mul_(1 - momentum).add_(momentum * var * (count / (count - 1)))
 
 
 def set_backend(model: nn.Module, backend: str) -> nn.Module:

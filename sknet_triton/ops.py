@@ -1,6 +1,7 @@
 """The Selective Kernel fuse and select operations: validation, dispatch and torch.library registration.
 
-``sk_fuse`` and ``sk_select`` are the public entry points. Each checks its inputs once, then runs either
+``sk_fuse`` and ``sk_select`` are the public entry points, and ``sk_fuse_select_bn`` the two of them over
+branches that still need training-mode BatchNorm (batch statistics) and ReLU. Each checks its inputs once, then runs either
 the Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) through custom ops that
 ``torch.compile`` traces without a graph break, or the plain-PyTorch reference (every other case).
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -27,7 +28,7 @@ if importlib.util.find_spec("triton") is None:
 else:
     from sknet_triton import launch
 
-__all__ = ["sk_fuse", "sk_select", "uses_triton", "kernel_path", "SUPPORTED_DTYPES", "MAX_BRANCHES"]
+__all__ = ["sk_fuse", "sk_select", "sk_fuse_select_bn", "uses_triton", "kernel_path", "SUPPORTED_DTYPES", "MAX_BRANCHES"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The kernels take the branches as this many pointers (sknet_triton.kernels.MAX_BRANCHES; a test ties them).
@@ -130,7 +131,7 @@ def _check_branches(op: str, branches: Branches) -> tuple[list[Tensor], list[Ten
     return tensors, views
 
 
-def _check_param(op: str, name: str, t: Optional[Tensor], shape, device) -> None:
+def _check_param(op: str, name: str, t: Optional[Tensor], shape, device, constant: bool = True) -> None:
     if t is None:
         return
     if not isinstance(t, Tensor):
@@ -140,7 +141,7 @@ def _check_param(op: str, name: str, t: Optional[Tensor], shape, device) -> None
     _check_float(name, op, t)
     if t.device != device:
         raise ValueError(f"{op}: {name} is on {t.device}, the branches on {device}")
-    if t.requires_grad and torch.is_grad_enabled():
+    if constant and t.requires_grad and torch.is_grad_enabled():
         raise ValueError(
             f"{op}: {name} requires grad, but the prologue's scale and bias are constants (eval-mode "
             "BatchNorm folded into the kernels); detach them, or apply BatchNorm before the op"
@@ -152,20 +153,43 @@ def _check_inputs(
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Every check of one call; returns what :func:`_check_branches` does."""
     tensors, views = _check_branches(op, branches)
-    B, C = views[0].shape[:2]
-    M, device = len(views), views[0].device
+    M, C, device = len(views), views[0].shape[1], views[0].device
     if needs_logits:
-        if not isinstance(logits, Tensor):
-            raise TypeError(f"{op}: logits must be a Tensor [B, M, C], got {type(logits).__name__}")
-        if tuple(logits.shape) != (B, M, C):
-            raise ValueError(f"{op}: logits must be [B, M, C] = {_describe((B, M, C))}, got {_describe(logits.shape)}")
-        _check_float("logits", op, logits)
-        if logits.device != device:
-            raise ValueError(f"{op}: logits are on {logits.device}, the branches on {device}")
+        _check_logits(op, logits, views)
     _check_param(op, "scale", scale, (M, C), device)
     _check_param(op, "bias", bias, (M, C), device)
     if not isinstance(relu, bool):
         raise TypeError(f"{op}: relu must be a bool, got {type(relu).__name__}")
+    return tensors, views
+
+
+def _check_logits(op: str, logits, views: list[Tensor]) -> None:
+    B, C = views[0].shape[:2]
+    M, device = len(views), views[0].device
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"{op}: logits must be a Tensor [B, M, C], got {type(logits).__name__}")
+    if tuple(logits.shape) != (B, M, C):
+        raise ValueError(f"{op}: logits must be [B, M, C] = {_describe((B, M, C))}, got {_describe(logits.shape)}")
+    _check_float("logits", op, logits)
+    if logits.device != device:
+        raise ValueError(f"{op}: logits are on {logits.device}, the branches on {device}")
+
+
+def _check_batch_norm_inputs(
+    op: str, branches: Branches, attention, weight, bias, eps
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Every check of one :func:`sk_fuse_select_bn` call but the logits'; returns what :func:`_check_branches` does."""
+    tensors, views = _check_branches(op, branches)
+    B, C, H, W = views[0].shape
+    if not callable(attention):
+        raise TypeError(f"{op}: attention must be callable (s [B, C] -> logits [B, M, C]), got {type(attention).__name__}")
+    _check_param(op, "weight", weight, (len(views), C), views[0].device, constant=False)
+    _check_param(op, "bias", bias, (len(views), C), views[0].device, constant=False)
+    if not isinstance(eps, float):
+        raise TypeError(f"{op}: eps must be a float, got {type(eps).__name__}")
+    if B * H * W == 1:
+        # nn.BatchNorm2d's refusal, in its words: one value per channel has no variance.
+        raise ValueError(f"{op}: Expected more than 1 value per channel when training, got input size {views[0].shape}")
     return tensors, views
 
 
@@ -225,6 +249,50 @@ def sk_select(
         return torch.ops.sknet_triton.sk_select(tensors, logits, scale, bias, relu)
     fmt = torch.channels_last if kernel_layout(tensors) else torch.contiguous_format
     return reference.sk_select(views, logits, scale, bias, relu).contiguous(memory_format=fmt)
+
+
+def sk_fuse_select_bn(
+    branches: Branches,
+    attention: Callable[[Tensor], Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Fuse, attention and select over raw branches that need training-mode BatchNorm and ReLU.
+
+    Each branch is ``P_m = max(weight[m] * (Y_m - mean_m) / sqrt(var_m + eps) + bias[m], 0)`` with the batch
+    statistics of Y_m (per channel over B, H, W; ``var`` biased), as ``nn.BatchNorm2d`` in training
+    followed by ``nn.ReLU``; then ``s = sk_fuse(P)``, ``logits = attention(s)``, ``out = sk_select(P, logits)``.
+    Where the kernels run, the normalised branches are never in memory: the kernels apply BatchNorm and ReLU
+    while they load Y_m, and the backward keeps only Y_m, the statistics and the logits.
+
+    Args:
+        branches: M (2 to 4) raw branches Y_m [B, C, H, W] (convolution outputs), or one stacked tensor
+            [B, M, C, H, W]; float32, float16 or bfloat16, as for :func:`sk_fuse`.
+        attention: s [B, C] float32 -> logits [B, M, C] (path-major, float32, float16 or bfloat16).
+        weight, bias: the BatchNorms' affine parameters [M, C] (None: 1 and 0); they may require grad.
+        eps: BatchNorm's eps.
+
+    Returns:
+        ``(out, mean, var)``: out [B, C, H, W] in the branches' dtype and layout (as :func:`sk_select`), and the
+        batch mean and biased variance [M, C] float32, without gradient, for the running statistics.
+        Gradients reach the branches, weight, bias and whatever ``attention`` depends on. A batch with one value
+        per channel (B * H * W = 1) raises ValueError, as ``nn.BatchNorm2d`` does in training.
+    """
+    op = "sk_fuse_select_bn"
+    tensors, views = _check_batch_norm_inputs(op, branches, attention, weight, bias, eps)
+    if _dispatch_to_kernels(views[0].device):
+        s, stats, grad_link, handoff_link = torch.ops.sknet_triton.sk_fuse_bn_train(tensors, weight, bias, eps)
+        logits = attention(s)
+        _check_logits(op, logits, views)
+        out = torch.ops.sknet_triton.sk_select_bn_train(tensors, logits, stats, grad_link, handoff_link)
+        return out, stats[launch.BN_MEAN], stats[launch.BN_VAR]
+    values, mean, var = reference.batch_norm_relu(views, weight, bias, eps)
+    logits = attention(reference.sk_fuse(values))
+    _check_logits(op, logits, views)
+    fmt = torch.channels_last if kernel_layout(tensors) else torch.contiguous_format
+    out = reference.sk_select(values, logits).to(views[0].dtype).contiguous(memory_format=fmt)
+    return out, mean, var
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -354,3 +422,117 @@ def _select_backward(ctx, grad_out):
 
 
 _sk_select_op.register_autograd(_select_backward, setup_context=_select_setup_context)
+
+
+# Training-mode BatchNorm + ReLU inside the kernels: a coupled pair of ops (see kernels/batchnorm.py).
+# sk_fuse_bn_train returns s, the statistics and two link tensors with zero strides (no memory, never read);
+# sk_select_bn_train takes the links as inputs. Autograd runs select's backward first: it runs pass A and
+# returns, as the links' gradients, dV (by reference) and the handoff of small sums. Fuse's backward then
+# receives them with ds, and runs pass B. Both stay ordinary autograd edges, so torch.compile traces them.
+
+
+def _links(branches: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """The link tensors: [B, C, H, W] in the branches' dtype (its gradient is dV) and float32 [5, B, M, C]
+    (its gradient is select's handoff); both have zero strides, hence no memory to speak of."""
+    u = branch_views(branches)[0]
+    B, C = u.shape[:2]
+    M = len(branch_views(branches))
+    grad_link = u.new_empty_strided(u.shape, (0, 0, 0, 0))
+    handoff_link = u.new_empty_strided((launch.HANDOFF_ROWS, B, M, C), (0, 0, 0, 0), dtype=torch.float32)
+    return grad_link, handoff_link
+
+
+def _fuse_bn_train_shape(branches, weight, bias, eps):
+    u = branch_views(branches)[0]
+    M = len(branch_views(branches))
+    s = u.new_empty((u.shape[0], u.shape[1]), dtype=torch.float32)
+    stats = u.new_empty((5, M, u.shape[1]), dtype=torch.float32)
+    return s, stats, *_links(branches)
+
+
+@_operator("sk_fuse_bn_train", _fuse_bn_train_shape)
+def _sk_fuse_bn_train_op(
+    branches: list[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _require_kernels(branches[0])
+    s, stats = launch.batch_norm_train_forward(branches, weight, bias, eps)
+    return s, stats, *_links(branches)
+
+
+def _fuse_bn_train_backward_shape(grad_s, grad_out, branches, stats, handoff):
+    C = branch_views(branches)[0].shape[1]
+    M = len(branch_views(branches))
+    return empty_branch_grads(branches, kernel_layout(branches)), stats.new_empty(M, C), stats.new_empty(M, C)
+
+
+@_operator("sk_fuse_bn_train_backward", _fuse_bn_train_backward_shape)
+def _sk_fuse_bn_train_backward_op(
+    grad_s: Tensor, grad_out: Tensor, branches: list[Tensor], stats: Tensor, handoff: Tensor
+) -> tuple[list[Tensor], Tensor, Tensor]:
+    _require_kernels(branches[0])
+    return launch.fuse_bn_backward(grad_s, grad_out, branches, stats, handoff)
+
+
+def _fuse_bn_train_setup_context(ctx, inputs, output):
+    branches, weight, bias, eps = inputs
+    _, stats, _, _ = output
+    ctx.mark_non_differentiable(stats)
+    ctx.weight_dtype = None if weight is None else weight.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.save_for_backward(*branches, stats)
+
+
+def _fuse_bn_train_backward(ctx, grad_s, grad_stats, grad_out, handoff):
+    *branches, stats = ctx.saved_tensors
+    grads, dgamma, dbeta = torch.ops.sknet_triton.sk_fuse_bn_train_backward(grad_s, grad_out, branches, stats, handoff)
+    dgamma = None if ctx.weight_dtype is None else dgamma.to(ctx.weight_dtype)
+    dbeta = None if ctx.bias_dtype is None else dbeta.to(ctx.bias_dtype)
+    return grads, dgamma, dbeta, None
+
+
+_sk_fuse_bn_train_op.register_autograd(_fuse_bn_train_backward, setup_context=_fuse_bn_train_setup_context)
+
+
+def _select_bn_train_shape(branches, logits, stats, grad_link, handoff_link):
+    return empty_images(branch_views(branches)[0], kernel_layout(branches))
+
+
+@_operator("sk_select_bn_train", _select_bn_train_shape)
+def _sk_select_bn_train_op(
+    branches: list[Tensor], logits: Tensor, stats: Tensor, grad_link: Tensor, handoff_link: Tensor
+) -> Tensor:
+    _require_kernels(branches[0])
+    return launch.select_forward(branches, logits, stats[launch.BN_SCALE], stats[launch.BN_SHIFT], True)
+
+
+def _select_bn_train_backward_shape(grad_out, branches, logits, stats):
+    B, M, C = logits.shape
+    dlogits = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    return dlogits, stats.new_empty(launch.HANDOFF_ROWS, B, M, C)
+
+
+@_operator("sk_select_bn_train_backward", _select_bn_train_backward_shape)
+def _sk_select_bn_train_backward_op(
+    grad_out: Tensor, branches: list[Tensor], logits: Tensor, stats: Tensor
+) -> tuple[Tensor, Tensor]:
+    _require_kernels(branches[0])
+    return launch.select_bn_backward(grad_out, branches, logits, stats)
+
+
+def _select_bn_train_setup_context(ctx, inputs, output):
+    branches, logits, stats, _, _ = inputs
+    ctx.channels_last = kernel_layout(branches)
+    ctx.save_for_backward(*branches, logits, stats)
+
+
+def _select_bn_train_backward(ctx, grad_out):
+    *branches, logits, stats = ctx.saved_tensors
+    # Once in the kernels' layout here, so that both passes read the same dV.
+    grad_out = grad_out.contiguous(memory_format=torch.channels_last if ctx.channels_last else torch.contiguous_format)
+    dlogits, handoff = torch.ops.sknet_triton.sk_select_bn_train_backward(grad_out, branches, logits, stats)
+    # The branches' gradient comes whole from fuse's backward, which receives dV and the handoff as the
+    # links' gradients.
+    return [None] * len(branches), dlogits, None, grad_out, handoff
+
+
+_sk_select_bn_train_op.register_autograd(_select_bn_train_backward, setup_context=_select_bn_train_setup_context)

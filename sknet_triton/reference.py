@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["branch_values", "sk_fuse", "sk_select"]
+__all__ = ["branch_values", "batch_norm_relu", "sk_fuse", "sk_select"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -45,6 +45,40 @@ def branch_values(
             p = torch.relu(p)
         values.append(p)
     return values
+
+
+def batch_norm_relu(
+    branches: Sequence[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+) -> tuple[list[Tensor], Tensor, Tensor]:
+    """Training-mode BatchNorm (the batch's statistics) and ReLU of each branch, as ``nn.BatchNorm2d`` in
+    training followed by ``nn.ReLU``, without the running statistics.
+
+    Args:
+        branches: M raw branches Y_m [B, C, H, W], any floating dtype.
+        weight, bias: optional [M, C] affine parameters (None: 1 and 0).
+        eps: added to the variance.
+
+    Returns:
+        ``(values, mean, var)``: the M branches ``max(weight * (Y - mean) / sqrt(var + eps) + bias, 0)`` in
+        float32 (float64 for float64 input), and the per-channel batch mean and biased variance over
+        (B, H, W), [M, C], detached.
+    """
+    values, means, variances = [], [], []
+    for m, y in enumerate(branches):
+        y = y.to(_compute_dtype(y.dtype))
+        var, mean = torch.var_mean(y, dim=(0, 2, 3), unbiased=False)
+        p = (y - mean[None, :, None, None]) * torch.rsqrt(var + eps)[None, :, None, None]
+        if weight is not None:
+            p = p * weight[m].to(p.dtype)[None, :, None, None]
+        if bias is not None:
+            p = p + bias[m].to(p.dtype)[None, :, None, None]
+        values.append(torch.relu(p))
+        means.append(mean.detach())
+        variances.append(var.detach())
+    return values, torch.stack(means), torch.stack(variances)
 
 
 def sk_fuse(

@@ -29,6 +29,11 @@ def test_pass_counts_match_the_floor_of_each_op():
     # BN + ReLU 8, stack 4, sum 3, mean 1, multiply 4, sum 3
     assert bytes_model.eager_forward_passes(2) == 23
     assert bytes_model.op_min_bytes("select fwd", 2, 1000, 2) == 3 * 1000 * 2
+    # Training mode, BatchNorm in the kernels: statistics + fuse + select; pass A + pass B.
+    assert bytes_model.fused_training_forward_passes(2) == 7 and bytes_model.fused_training_backward_passes(2) == 8
+    table = bytes_model.training_passes_table(3).set_index("pass")
+    assert table.loc["backward", "BatchNorm in the kernels"] == 3 * 3 + 2
+    assert (table["BatchNorm in the kernels"] < table["separate BatchNorm + ReLU"]).all()
 
 
 def test_sknet50_units_at_224():

@@ -1,0 +1,357 @@
+"""Training-mode BatchNorm + ReLU of the SK paths inside the kernels (sk_fuse_select_bn, SKConv in training).
+
+The oracle is nn.BatchNorm2d (training) + ReLU + the reference fuse and select, in float64 on the CPU.
+Without CUDA the kernels run through Triton's interpreter, so shapes stay tiny and each test runs the
+kernels once or twice.
+"""
+import copy
+import functools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sknet_triton import SKConv, create_model, launch, ops, reference, set_backend
+from tests.helpers import DEVICE, requires_kernels
+from tests.model_helpers import assert_close_relative, assert_grads_as_accurate_as, randomize_batchnorm
+from tests.ops_inputs import as_float64, assert_close, make_branches, poisoned_allocations
+
+pytestmark = requires_kernels
+
+EPS = 1e-5
+
+
+class LinearAttention:
+    """s [B, C] -> logits [B, M, C] = base + s @ weight: ``base``'s gradient is exactly dlogits, and
+    ``weight``'s needs ds."""
+
+    def __init__(self, B, M, C, dtype=torch.float32):
+        self.base = (2 * torch.randn(B, M, C, device=DEVICE)).to(dtype).requires_grad_()
+        self.weight = (torch.randn(C, M * C, device=DEVICE) / C**0.5).to(dtype).requires_grad_()
+
+    def __call__(self, s):
+        return self.base + (s.to(self.weight.dtype) @ self.weight).view(self.base.shape)
+
+    def leaves(self):
+        return [self.base, self.weight]
+
+    def float64(self):
+        copy64 = copy.copy(self)
+        copy64.base, copy64.weight = as_float64(self.base), as_float64(self.weight)
+        return copy64
+
+
+def make_affine(M, C, affine):
+    if not affine:
+        return None, None
+    weight = (torch.rand(M, C, device=DEVICE) + 0.5).requires_grad_()
+    bias = (0.5 * torch.randn(M, C, device=DEVICE)).requires_grad_()
+    return weight, bias
+
+
+def oracle(branches, attention, weight, bias):
+    """out, and the gradient function, of nn.BatchNorm2d (training) + ReLU + the reference in float64."""
+    ys = [as_float64(u) for u in branches]
+    attention64 = attention.float64()
+    C = ys[0].shape[1]
+    norms = [nn.BatchNorm2d(C, eps=EPS, affine=weight is not None, dtype=torch.float64) for _ in ys]
+    if weight is not None:
+        with torch.no_grad():
+            for m, bn in enumerate(norms):
+                bn.weight.copy_(weight[m])
+                bn.bias.copy_(bias[m])
+    values = [torch.relu(bn(y)) for bn, y in zip(norms, ys)]
+    out = reference.sk_select(values, attention64(reference.sk_fuse(values)))
+    leaves = ys + attention64.leaves()
+    if weight is not None:
+        leaves += [bn.weight for bn in norms] + [bn.bias for bn in norms]
+    return out, leaves, norms
+
+
+def run_and_check(branches, attention, weight, bias, dtype, monkeypatch):
+    """Forward and every gradient of sk_fuse_select_bn against the oracle; returns the output."""
+    expected, leaves64, norms = oracle(branches, attention, weight, bias)
+    grad_out = torch.randn(expected.shape, device=DEVICE).to(dtype)
+    inputs = branches + attention.leaves() + ([weight, bias] if weight is not None else [])
+    with poisoned_allocations(monkeypatch):
+        out, mean, var = ops.sk_fuse_select_bn(branches, attention, weight, bias, EPS)
+        grads = torch.autograd.grad(out, inputs, grad_out)
+
+    assert out.dtype == dtype and mean.dtype == var.dtype == torch.float32
+    assert not mean.requires_grad and not var.requires_grad
+    assert_close(out, expected, dtype, "output")
+    ys = leaves64[: len(branches)]
+    assert_close(mean, torch.stack([y.mean((0, 2, 3)) for y in ys]), torch.float32, "batch mean")
+    assert_close(var, torch.stack([y.var((0, 2, 3), unbiased=False) for y in ys]), torch.float32, "batch variance")
+    expected_grads = list(torch.autograd.grad(expected, leaves64, as_float64(grad_out)))
+    if weight is not None:  # the oracle's BatchNorm parameters are per branch: stack them as [M, C]
+        M = len(branches)
+        expected_grads[-2 * M:] = [torch.stack(expected_grads[-2 * M:-M]), torch.stack(expected_grads[-M:])]
+    names = [f"Y_{m}" for m in range(len(branches))] + ["logits", "attention weight", "BN weight", "BN bias"]
+    for name, grad, want, leaf in zip(names, grads, expected_grads, inputs):
+        assert grad.dtype == leaf.dtype, name
+        assert_close(grad, want, leaf.dtype if leaf.dtype != torch.float32 else dtype, f"gradient of {name}")
+    return out
+
+
+@pytest.mark.parametrize("M, channels_last", [(2, False), (3, True), (4, False), (4, True)], ids=str)
+def test_matches_batchnorm_relu_and_reference(M, channels_last, monkeypatch):
+    shape = (2, 12, 5, 7)
+    branches = make_branches(shape, M, torch.float32, channels_last, stacked=False)
+    weight, bias = make_affine(M, shape[1], affine=True)
+    out = run_and_check(branches, LinearAttention(shape[0], M, shape[1]), weight, bias, torch.float32, monkeypatch)
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision_under_autocast(dtype, monkeypatch):
+    # Under autocast the convolutions give half-precision branches and the attention half-precision logits;
+    # BatchNorm's parameters stay float32. The kernels compute in float32 and round once.
+    shape, M = (2, 16, 4, 5), 2
+    branches = make_branches(shape, M, dtype, channels_last=True, stacked=False)
+    weight, bias = make_affine(M, shape[1], affine=True)
+    with torch.autocast(DEVICE.type, dtype=dtype):
+        run_and_check(branches, LinearAttention(shape[0], M, shape[1]), weight, bias, dtype, monkeypatch)
+
+
+def test_without_affine_parameters(monkeypatch):
+    shape, M = (2, 10, 3, 6), 3
+    branches = make_branches(shape, M, torch.float32, channels_last=False, stacked=False)
+    run_and_check(branches, LinearAttention(shape[0], M, shape[1]), None, None, torch.float32, monkeypatch)
+
+
+@pytest.fixture
+def many_programs(monkeypatch):
+    """Plans as on a large GPU: the H*W axis cut into many chunks."""
+    monkeypatch.setattr(launch, "CPU_MIN_PROGRAMS", 16)
+    launch.plan.cache_clear()
+    yield
+    launch.plan.cache_clear()
+
+
+def test_many_splits(many_programs, monkeypatch):
+    # Per-program statistics of unequal chunks (the last holds one position) combine into the batch's, and
+    # every chunk's share of dlogits and of BatchNorm's sums adds up.
+    shape, M = (2, 8, 9, 9), 2
+    p = launch.plan("bn_stats", 2, 8, 81, M, torch.float32, False, DEVICE)
+    assert p.num_splits > 4 and 81 % p.chunk == 1
+    branches = make_branches(shape, M, torch.float32, channels_last=False, stacked=False)
+    weight, bias = make_affine(M, shape[1], affine=True)
+    run_and_check(branches, LinearAttention(shape[0], M, shape[1]), weight, bias, torch.float32, monkeypatch)
+
+
+def test_one_value_per_channel_is_refused_as_batchnorm_refuses_it():
+    branches = make_branches((1, 6, 1, 1), 2, torch.float32, channels_last=False, stacked=False)
+    message = "Expected more than 1 value per channel when training"
+    with pytest.raises(ValueError, match=message):
+        nn.BatchNorm2d(6)(branches[0])
+    with pytest.raises(ValueError, match=message):
+        ops.sk_fuse_select_bn(branches, LinearAttention(1, 2, 6))
+    unit = SKConv(6, 6, groups=2).train()
+    with pytest.raises(ValueError, match=message):
+        unit(torch.randn(1, 6, 1, 1, device=DEVICE))
+
+
+# --------------------------------------------------------------------------------------------------------
+# SKConv: which path runs, running statistics, what autograd keeps, torch.compile.
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """How many times SKConv ran the fused training path."""
+    calls = []
+    original = ops.sk_fuse_select_bn
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "sk_fuse_select_bn", counting)
+    return calls
+
+
+def sk_unit(M=2, norm_layer=nn.BatchNorm2d):
+    """A small SKConv with random BatchNorm affine parameters, and its float64 "torch"-backend copy."""
+    unit = SKConv(8, 8, M=M, groups=2, L=8, norm_layer=norm_layer).to(DEVICE)
+    with torch.no_grad():
+        for module in unit.modules():
+            if isinstance(module, nn.BatchNorm2d) and module.affine:
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+    return unit, set_backend(copy.deepcopy(unit), "torch").double()
+
+
+def assert_training_step_matches(unit, x, forward=None):
+    """One forward and backward of ``forward`` (default ``unit``; ``unit``'s parameters) against the float64
+    "torch"-backend copy of ``unit``: the output, then the gradients judged by plain float32 PyTorch's
+    accuracy (training BatchNorm over a small batch amplifies float32 rounding). Returns the float64 copy,
+    stepped alike."""
+    baseline = set_backend(copy.deepcopy(unit), "torch")
+    exact = copy.deepcopy(baseline).double()
+    outputs = {unit: (unit if forward is None else forward)(x), baseline: baseline(x), exact: exact(x.double())}
+    assert_close(outputs[unit], outputs[exact], torch.float32, "output")
+    grad_out = torch.randn(outputs[unit].shape, device=DEVICE)
+    grads = {}
+    for module, out in outputs.items():
+        out.backward(grad_out.to(out.dtype))
+        grads[module] = {name: p.grad for name, p in module.named_parameters()}
+    assert_grads_as_accurate_as(grads[unit], grads[baseline], grads[exact])
+    return exact
+
+
+def assert_buffers_match(unit, exact):
+    buffers = dict(exact.named_buffers())
+    for name, value in unit.named_buffers():
+        if value.is_floating_point():
+            assert_close_relative(value.double(), buffers[name], 1e-5, name)
+        else:
+            assert torch.equal(value.cpu(), buffers[name].cpu()), name
+
+
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_running_statistics_follow_batchnorm(momentum, fused_calls):
+    unit, exact = sk_unit(norm_layer=functools.partial(nn.BatchNorm2d, momentum=momentum))
+    unit.train()
+    exact.train()
+    with torch.no_grad():
+        for step in range(3):
+            x = torch.randn(2, 8, 5, 4, device=DEVICE) + step  # a new batch, a new mean
+            assert_close(unit(x), exact(x.double()), torch.float32, f"step {step}")
+    assert len(fused_calls) == 3
+    assert_buffers_match(unit, exact)
+    assert int(unit.paths[0].bn.num_batches_tracked) == 3
+
+
+@pytest.mark.parametrize("case", ["affine_false", "no_running_stats_eval"])
+def test_layer_variants(case, fused_calls):
+    # affine=False: no BatchNorm parameters. track_running_stats=False: BatchNorm uses the batch's statistics
+    # in eval mode too, and keeps no running statistics.
+    kwargs = {"affine_false": dict(affine=False), "no_running_stats_eval": dict(track_running_stats=False)}[case]
+    unit, _ = sk_unit(M=3, norm_layer=functools.partial(nn.BatchNorm2d, **kwargs))
+    unit.train(case == "affine_false")
+    exact = assert_training_step_matches(unit, torch.randn(2, 8, 5, 5, device=DEVICE))
+    assert len(fused_calls) == 1
+    assert_buffers_match(unit, exact)
+
+
+def test_other_norm_layers_stay_separate_ops(fused_calls):
+    # A subclass of BatchNorm2d (as SyncBatchNorm is a different class: its statistics span processes) is not
+    # folded into the kernels: the unit takes the unfused path, with the same outputs.
+    class OtherBatchNorm(nn.BatchNorm2d):
+        pass
+
+    unit, exact = sk_unit(norm_layer=OtherBatchNorm)
+    unit.train()
+    exact.train()
+    x = torch.randn(2, 8, 4, 4, device=DEVICE)
+    assert_close(unit(x), exact(x.double()), torch.float32, "output")
+    assert fused_calls == []
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(sk_unit()[0]).train()
+    assert type(synced.paths[0].bn) is nn.SyncBatchNorm
+    assert not synced._normalises_with_batch_statistics(x)
+
+
+def test_backward_keeps_no_normalised_branch():
+    unit, _ = sk_unit(M=3)
+    unit.train()
+    x = torch.randn(2, 8, 4, 5, device=DEVICE)
+    branches = [path.conv(x) for path in unit.paths]  # outside the hooks: the convolutions keep x
+    weight = torch.stack([path.bn.weight for path in unit.paths])
+    bias = torch.stack([path.bn.bias for path in unit.paths])
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out, _, _ = ops.sk_fuse_select_bn(branches, unit.attn, weight, bias)
+    large = {t.untyped_storage().data_ptr() for t in saved if t.numel() >= out.numel()}
+    assert large == {u.untyped_storage().data_ptr() for u in branches}, "only the raw branches Y_m, no normalised copy"
+    # The rest: the [5, M, C] statistics, the logits [B, M, C], and the attention's own weights and activations.
+    small = [tuple(t.shape) for t in saved if t.numel() < out.numel()]
+    assert (5, 3, 8) in small and (2, 3, 8) in small, small
+
+
+def test_compiles_to_one_graph_in_training(fused_calls):
+    torch._dynamo.reset()
+    unit, _ = sk_unit()
+    unit.train()
+    graphs = []
+
+    def recorder(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    compiled = torch.compile(unit, fullgraph=True, backend=recorder)
+    exact = assert_training_step_matches(unit, torch.randn(2, 8, 4, 4, device=DEVICE), compiled)
+    assert len(graphs) == 1 and len(fused_calls) == 1
+    targets = {str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"}
+    assert {"sknet_triton.sk_fuse_bn_train", "sknet_triton.sk_select_bn_train"} <= targets, targets
+    assert_buffers_match(unit, exact)
+
+
+def test_model_trains_through_the_kernels(fused_calls):
+    model = randomize_batchnorm(create_model("sknet_tiny", num_classes=10)).to(DEVICE).train()
+    baseline = set_backend(copy.deepcopy(model), "torch")
+    exact = copy.deepcopy(baseline).double()
+    x, target = torch.randn(2, 3, 32, 32, device=DEVICE), torch.randint(0, 10, (2,), device=DEVICE)
+    grads = {}
+    for m, inputs in ((model, x), (baseline, x), (exact, x.double())):
+        loss = F.cross_entropy(m(inputs), target)
+        loss.backward()
+        grads[m] = {name: p.grad for name, p in m.named_parameters()}
+    units = sum(isinstance(module, SKConv) for module in model.modules())
+    assert len(fused_calls) == units > 0
+    assert_grads_as_accurate_as(grads[model], grads[baseline], grads[exact])
+    assert_buffers_match(model, exact)
+
+
+TRACE_SCRIPT = textwrap.dedent('''
+    import json, torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._functorch.aot_autograd import aot_function
+    from functorch.compile import make_boxed_func
+    from sknet_triton import launch
+
+    assert not launch.INTERPRETED
+    launch.arch_name = lambda device: "sm_90"  # no GPU here to ask: an H100's
+    launch.min_programs = lambda device, config: 132 * config.programs_per_sm
+    T = torch.ops.sknet_triton
+
+    def bn_ops(u0, u1, weight, bias, logits, grad_out, grad_s):
+        s, stats, grad_link, handoff_link = T.sk_fuse_bn_train([u0, u1], weight, bias, 1e-5)
+        out = T.sk_select_bn_train([u0, u1], logits, stats, grad_link, handoff_link)
+        dlogits, handoff = T.sk_select_bn_train_backward(grad_out, [u0, u1], logits, stats)
+        grads, dgamma, dbeta = T.sk_fuse_bn_train_backward(grad_s, grad_out, [u0, u1], stats, handoff)
+        return s, out, dlogits, *grads, dgamma, dbeta
+
+    graphs = []
+    def keep(gm, inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    with FakeTensorMode():
+        def cuda(*shape):
+            t = torch.empty(*shape, device="cuda")
+            return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+        images = (4, 64, 14, 14)
+        aot_function(bn_ops, fw_compiler=keep)(
+            cuda(*images), cuda(*images), cuda(2, 64), cuda(2, 64), cuda(4, 2, 64), cuda(*images), cuda(4, 64))
+    [gm] = graphs
+    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    print(json.dumps({"launches": sum("triton_kernel_wrapper" in str(n.target) for n in calls),
+                      "opaque": sorted({str(n.target) for n in calls if "sknet_triton" in str(n.target)})}))
+''')
+
+
+def test_triton_ops_trace_to_kernel_launches():
+    # On CUDA the ops are triton_ops, which torch.compile traces into their launches: fake CUDA tensors, in a
+    # subprocess where the kernels are the real @triton.jit functions (see tests/test_compiled_path.py).
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", TRACE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    traced = json.loads(result.stdout.strip().splitlines()[-1])
+    # statistics, fuse, select, then the two backward passes
+    assert traced == {"launches": 5, "opaque": []}, traced
