@@ -390,9 +390,10 @@ def _op_rows(device, selection, copy_gbps, progress, budget_s, on_rows) -> list[
 def host_only_rows(calls: int = HOST_ONLY_CALLS, progress=None) -> list[dict]:
     """µs of host work per call, each op, dtype and layout, with every kernel launch recorded instead of run.
 
-    Three figures per row, each the median of ``calls`` calls timed one by one: the public call as a user
+    The figures of a row, each the median of ``calls`` calls timed one by one: the public call as a user
     makes it (validation, dispatch, the custom op, launcher; for backward, ``torch.autograd.grad`` of one
-    forward), the launcher alone (``sknet_triton.launch``: planning, allocation, argument assembly), and
+    forward), for forward ops the same call without grad mode (eager inference, which skips the operator's
+    dispatch), the launcher alone (``sknet_triton.launch``: planning, allocation, argument assembly), and
     the validation alone (forward ops). Needs the kernel path on CPU tensors (TRITON_INTERPRET=1 set before
     sknet_triton is imported).
     """
@@ -417,6 +418,7 @@ def host_only_rows(calls: int = HOST_ONLY_CALLS, progress=None) -> list[dict]:
             }[op]
             figures = {"call µs": _median_us(call, calls, launches), "launcher µs": _median_us(launcher, calls, launches)}
             if op.endswith("fwd"):
+                figures["no-grad call µs"] = _median_us(_without_grad(call), calls, launches)
                 needs_logits = op == "select fwd"
                 figures["validation µs"] = _median_us(
                     lambda: ops._check_inputs(op, branches, logits if needs_logits else None, None, None, False,
@@ -429,6 +431,16 @@ def host_only_rows(calls: int = HOST_ONLY_CALLS, progress=None) -> list[dict]:
         if progress is not None:
             progress.update(1)
     return rows
+
+
+def _without_grad(call: Callable) -> Callable:
+    """``call`` under ``torch.no_grad()``: eager inference, which launches without the operator's dispatch."""
+
+    def run():
+        with torch.no_grad():
+            return call()
+
+    return run
 
 
 def _median_us(call: Callable, calls: int, launches: list) -> float:
