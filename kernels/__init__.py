@@ -1,10 +1,11 @@
-"""Triton device code for the Selective Kernel fuse and select operations.
+"""Triton device code for the Selective Kernel split (eval mode), fuse and select operations.
 
 Only ``@triton.jit`` functions (and the facts their signatures fix) live here; launch parameters,
 validation and autograd are in ``sknet_triton.launch`` and ``sknet_triton.ops``.
 """
 from .fuse import sk_fuse_bwd_kernel, sk_fuse_fwd_kernel
 from .select import sk_select_bwd_kernel, sk_select_fwd_kernel
+from .split import sk_split_fwd_kernel
 from .tile import MAX_BRANCHES
 
 __all__ = [
@@ -13,4 +14,5 @@ __all__ = [
     "sk_fuse_bwd_kernel",
     "sk_select_fwd_kernel",
     "sk_select_bwd_kernel",
+    "sk_split_fwd_kernel",
 ]
