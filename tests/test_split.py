@@ -9,8 +9,7 @@ import copy
 import pytest
 import torch
 
-from sknet_triton import SKConv, create_model, launch, ops, reference, set_backend
-from sknet_triton.layers import set_split_conv
+from sknet_triton import SKConv, create_model, launch, ops, reference, set_backend, set_split_conv
 from sknet_triton.layout import image_layout
 from tests.helpers import DEVICE, requires_kernels
 from tests.model_helpers import randomize_batchnorm
