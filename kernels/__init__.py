@@ -1,5 +1,5 @@
-"""Triton device code for the Selective Kernel fuse and select operations, and for the branches'
-training-mode BatchNorm inside them.
+"""Triton device code for the Selective Kernel split (eval mode), fuse and select operations, and for the
+branches' training-mode BatchNorm inside them.
 
 Only ``@triton.jit`` functions (and the facts their signatures fix) live here; launch parameters,
 validation and autograd are in ``sknet_triton.launch`` and ``sknet_triton.ops``.
@@ -7,6 +7,7 @@ validation and autograd are in ``sknet_triton.launch`` and ``sknet_triton.ops``.
 from .batchnorm import sk_bn_stats_kernel, sk_fuse_bn_bwd_kernel, sk_select_bn_bwd_kernel
 from .fuse import sk_fuse_bwd_kernel, sk_fuse_fwd_kernel
 from .select import sk_select_bwd_kernel, sk_select_fwd_kernel
+from .split import sk_split_fwd_kernel
 from .tile import MAX_BRANCHES
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "sk_bn_stats_kernel",
     "sk_select_bn_bwd_kernel",
     "sk_fuse_bn_bwd_kernel",
+    "sk_split_fwd_kernel",
 ]

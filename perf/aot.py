@@ -4,8 +4,9 @@
 launcher's own tables: every configuration, tile shape and flag it can choose) with Triton's own compiler
 for sm_80 and sm_90. For each it reads the registers, spills and shared memory of Triton's ptxas run and
 the widest global load in the PTX, writes that table to ``--out`` (CSV), prints a summary, and exits with
-status 1 if anything spills or a kernel loads in narrower vectors than its tile allows (16 bytes, or each
-thread's whole share of a tile where that is less). It needs the real
+status 1 if anything spills or a kernel that streams dense tiles loads in narrower vectors than its tile
+allows (16 bytes, or each thread's whole share of a tile where that is less; the split convolution's taps
+start at offsets no alignment analysis can prove, so it is held to no width). It needs the real
 ``@triton.jit`` functions, so it refuses to run under ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
@@ -47,7 +48,7 @@ class Resources:
     spill_loads: int
     shared_bytes: int
     widest_load_bytes: int
-    vector_bytes: int  # what the widest load should be: each thread's share of one tile, at most 16 bytes
+    vector_bytes: int  # what the widest load should be: each thread's share of one tile, at most 16 (0: no rule)
 
     @property
     def spills(self) -> bool:
@@ -56,7 +57,11 @@ class Resources:
 
 def vector_bytes(spec) -> int:
     """The widest load a specialization's tile allows: each thread's contiguous share of one streamed
-    [BLOCK_C, BLOCK_HW] tile, at most VECTOR_BYTES."""
+    [BLOCK_C, BLOCK_HW] tile, at most VECTOR_BYTES; 0 for a family that streams no dense tiles."""
+    from sknet_triton import launch
+
+    if not launch.FAMILIES[spec.family].streaming:
+        return 0
     tile_bytes = spec.constexprs["BLOCK_C"] * spec.constexprs["BLOCK_HW"] * spec.args[0].element_size()
     return min(VECTOR_BYTES, tile_bytes // (32 * spec.options["num_warps"]))
 

@@ -20,14 +20,14 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import triton
 from torch import Tensor
 
 from sknet_triton import kernels
-from sknet_triton.layout import branch_views, empty_branch_grads, empty_images, kernel_views
+from sknet_triton.layout import branch_views, empty_branch_grads, empty_images, empty_stacked, image_layout, kernel_views
 
 # Whether Triton runs the kernels through its interpreter (TRITON_INTERPRET=1 when they were defined).
 INTERPRETED = not isinstance(kernels.sk_fuse_fwd_kernel, triton.runtime.JITFunction)
@@ -40,6 +40,15 @@ NCHW_BLOCK_HW = (256, 64, 16)
 # The interpreter runs programs one by one: on the CPU only a few (still more than one chunk, so that
 # tests cover the chunked reductions).
 CPU_MIN_PROGRAMS = 4
+# The split kernel's channel blocks: the FMA loop's by layout (channels_last: wide along the contiguous
+# channels; NCHW: narrow, the positions being contiguous), the tensor-core path's within one group (the
+# narrowest that covers group_out), and its reduction step over a group's input channels.
+SPLIT_FMA_BLOCK_C = {True: 32, False: 16}
+SPLIT_FMA_BLOCK_K = 16  # unused by the FMA loop; one value, so that it adds no specialization
+SPLIT_DOT_BLOCK_C = (16, 32, 64)
+SPLIT_DOT_BLOCK_K = (16, 32)
+# Tensor cores need a product of at least 16 along each of its dimensions.
+DOT_MIN = 16
 # Per-architecture tables written by perf/tune.py: sm_<major><minor>.json.
 TUNED_DIR = Path(__file__).with_name("tuned")
 
@@ -56,23 +65,57 @@ class Config:
 
 @dataclass(frozen=True)
 class Family:
-    """A kernel family: its kernel, whether it streams a backward pass's 2M + 1 tensors, and its own flags."""
+    """A kernel family: its kernel, whether it streams a backward pass's 2M + 1 tensors, its own flags, and
+    the constexpr variants (tile shapes, layouts, flags) its launcher can choose for one configuration."""
 
     kernel: object
     backward: bool
     flags: tuple[str, ...] = ()
+    variants: Callable[["Family", Config, torch.dtype], list[dict]] = None
+    default: Optional[Config] = None  # this family's untuned configuration, where it has its own
+    # Streams dense tiles, so the ahead-of-time check requires 16-byte loads of it. The split kernel's taps
+    # start at offsets no alignment analysis can prove (position - dilation, channel + group * group_in).
+    streaming: bool = True
+
+    def constexpr_variants(self, config: Config, dtype: torch.dtype) -> list[dict]:
+        """Every set of tile constexprs and flags the launcher can pass with ``config`` for ``dtype``."""
+        return self.variants(self, config, dtype)
+
+
+def branch_variants(family: Family, config: Config, dtype: torch.dtype) -> list[dict]:
+    """The kernels over the branches: every reachable tile shape, with every value of the family's flags."""
+    tiles = reachable_tile_shapes(config.tile_bytes // dtype.itemsize)
+    return [
+        dict(CHANNELS_LAST=channels_last, BLOCK_C=block_c, BLOCK_HW=block_hw, **dict(zip(family.flags, flags)))
+        for (channels_last, block_c, block_hw), *flags in itertools.product(tiles, *[(False, True)] * len(family.flags))
+    ]
+
+
+def split_variants(family: Family, config: Config, dtype: torch.dtype) -> list[dict]:
+    """The split kernel: in either layout, the FMA loop's one block and every tensor-core block."""
+    blocks = [(False, SPLIT_FMA_BLOCK_C[channels_last], SPLIT_FMA_BLOCK_K, channels_last) for channels_last in (False, True)]
+    blocks += [(True, block_c, block_k, channels_last) for channels_last in (False, True)
+               for block_c in SPLIT_DOT_BLOCK_C for block_k in SPLIT_DOT_BLOCK_K]
+    return [
+        dict(CHANNELS_LAST=channels_last, USE_DOT=use_dot, BLOCK_P=split_block_p(config, block_c), BLOCK_C=block_c,
+             BLOCK_K=block_k)
+        for use_dot, block_c, block_k, channels_last in blocks
+    ]
 
 
 FAMILIES = {
-    "fuse_fwd": Family(kernels.sk_fuse_fwd_kernel, backward=False, flags=("RELU",)),
-    "fuse_bwd": Family(kernels.sk_fuse_bwd_kernel, backward=True),
-    "select_fwd": Family(kernels.sk_select_fwd_kernel, backward=False, flags=("RELU",)),
-    "select_bwd": Family(kernels.sk_select_bwd_kernel, backward=True, flags=("RELU",)),
+    "fuse_fwd": Family(kernels.sk_fuse_fwd_kernel, backward=False, flags=("RELU",), variants=branch_variants),
+    "fuse_bwd": Family(kernels.sk_fuse_bwd_kernel, backward=True, variants=branch_variants),
+    "select_fwd": Family(kernels.sk_select_fwd_kernel, backward=False, flags=("RELU",), variants=branch_variants),
+    "select_bwd": Family(kernels.sk_select_bwd_kernel, backward=True, flags=("RELU",), variants=branch_variants),
     # Training-mode BatchNorm + ReLU of the branches (kernels/batchnorm.py): the batch statistics, then the
     # select and fuse backward passes. The select pass holds 5M float32 accumulators: backward tiles.
-    "bn_stats": Family(kernels.sk_bn_stats_kernel, backward=False),
-    "select_bn_bwd": Family(kernels.sk_select_bn_bwd_kernel, backward=True),
-    "fuse_bn_bwd": Family(kernels.sk_fuse_bn_bwd_kernel, backward=True),
+    "bn_stats": Family(kernels.sk_bn_stats_kernel, backward=False, variants=branch_variants),
+    "select_bn_bwd": Family(kernels.sk_select_bn_bwd_kernel, backward=True, variants=branch_variants),
+    "fuse_bn_bwd": Family(kernels.sk_fuse_bn_bwd_kernel, backward=True, variants=branch_variants),
+    # The eval-mode split convolution (kernels/split.py); tile_bytes: its float32 accumulator tile [BLOCK_P, BLOCK_C].
+    "split_fwd": Family(kernels.sk_split_fwd_kernel, backward=False, variants=split_variants, streaming=False,
+                        default=Config(tile_bytes=8192, num_warps=8, num_stages=1, programs_per_sm=8)),
 }
 
 # The untuned defaults. Backward kernels stream 2M + 1 tensors (and the select backward holds M float32
@@ -87,7 +130,10 @@ BACKWARD_DEFAULTS = {
 
 def default_config(family: str, M: int) -> Config:
     """The configuration of ``family`` for M branches where no tuned table applies."""
-    return BACKWARD_DEFAULTS[M] if FAMILIES[family].backward else FORWARD_DEFAULT
+    f = FAMILIES[family]
+    if f.default is not None:
+        return f.default
+    return BACKWARD_DEFAULTS[M] if f.backward else FORWARD_DEFAULT
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -177,6 +223,19 @@ def choose_config(
     return min(kind, key=distance).config
 
 
+def split_measured_faster(
+    device: torch.device, dtype: torch.dtype, channels_last: bool, M: int, C: int, HW: int
+) -> bool:
+    """Whether this device's tuned table has a "split_fwd" entry for exactly this kind and shape (dtype,
+    layout, M, C, output positions HW): perf/tune.py writes one only where the split kernel beat the cuDNN
+    convolutions + BatchNorm + ReLU + fuse it replaces."""
+    name = DTYPE_NAMES.get(dtype)
+    return any(
+        (e.family, e.dtype, e.channels_last, e.M, e.C, e.HW) == ("split_fwd", name, channels_last, M, C, HW)
+        for e in tuned_table(arch_name(device))
+    )
+
+
 # --------------------------------------------------------------------------------------------------------
 # Work decomposition.
 
@@ -234,11 +293,20 @@ def plan(
     config = choose_config(tuned_table(arch_name(device)), family, dtype, channels_last, M, B, C, HW)
     block_c, block_hw = tile_shape(channels_last, C, HW, config.tile_bytes // dtype.itemsize)
     num_c_blocks = math.ceil(C / block_c)
-    hw_blocks = math.ceil(HW / block_hw)
-    wanted = 1 if deterministic else math.ceil(min_programs(device, config) / (B * num_c_blocks))
-    splits = max(1, min(wanted, hw_blocks))
-    chunk = math.ceil(hw_blocks / splits) * block_hw
-    return Plan(block_c, block_hw, num_c_blocks, math.ceil(HW / chunk), chunk, config.num_warps, config.num_stages)
+    num_splits, chunk = chunking(B * num_c_blocks, HW, block_hw, device, config, deterministic)
+    return Plan(block_c, block_hw, num_c_blocks, num_splits, chunk, config.num_warps, config.num_stages)
+
+
+def chunking(
+    programs: int, length: int, block: int, device: torch.device, config: Config, deterministic: bool
+) -> tuple[int, int]:
+    """(number of chunks, chunk length, a multiple of ``block``) of an axis of ``length`` positions, cut into
+    as few chunks as give ``programs`` programs per chunk enough to fill the device; one chunk when
+    ``deterministic``."""
+    blocks = math.ceil(length / block)
+    wanted = 1 if deterministic else math.ceil(min_programs(device, config) / programs)
+    chunk = math.ceil(blocks / max(1, min(wanted, blocks))) * block
+    return math.ceil(length / chunk), chunk
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -400,6 +468,57 @@ def select_backward(
     return grads + [dlogits.to(logits.dtype)]
 
 
+def split_block_p(config: Config, block_c: int) -> int:
+    """BLOCK_P of the split kernel: the positions of a float32 [BLOCK_P, BLOCK_C] tile of config.tile_bytes."""
+    return max(DOT_MIN, config.tile_bytes // 4 // block_c)
+
+
+def split_forward(
+    x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor, stride: int, split_input: bool
+) -> tuple[Tensor, Tensor]:
+    """(branches [B, M, C, Ho, Wo], s [B, C] float32) of the split in eval mode. See kernels/split.py.
+
+    Each branch image is dense in x's layout (channels_last, else contiguous NCHW; x with other strides is
+    copied once), so that :func:`select_forward` reads the M views in place.
+    """
+    channels_last = image_layout(x) is True
+    if image_layout(x) is None:
+        x = x.contiguous()
+    B, C_in, H, W = x.shape
+    M, C, group_in = weight.shape[:3]
+    groups = (C_in // M if split_input else C_in) // group_in
+    group_out = C // groups
+    Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
+    branches = empty_stacked((B, M, C, Ho, Wo), x.dtype, x.device, channels_last)
+    s = torch.zeros(B, C, dtype=torch.float32, device=x.device)
+    if not B:
+        return branches, s
+
+    config = choose_config(tuned_table(arch_name(x.device)), "split_fwd", x.dtype, channels_last, M, B, C, Ho * Wo)
+    use_dot = group_out >= DOT_MIN and 9 * group_in >= DOT_MIN
+    if use_dot:
+        block_c = next((b for b in SPLIT_DOT_BLOCK_C if b >= group_out), SPLIT_DOT_BLOCK_C[-1])
+        block_k = next((b for b in SPLIT_DOT_BLOCK_K if b >= group_in), SPLIT_DOT_BLOCK_K[-1])
+        num_c_blocks = groups * math.ceil(group_out / block_c)
+    else:
+        block_c, block_k = SPLIT_FMA_BLOCK_C[channels_last], SPLIT_FMA_BLOCK_K
+        num_c_blocks = math.ceil(C / block_c)
+    block_p = split_block_p(config, block_c)
+    num_splits, chunk = chunking(B * num_c_blocks, Ho * Wo, block_p, x.device, config,
+                                 torch.are_deterministic_algorithms_enabled())
+    # [M, 3, 3, group_in, C]: each (branch, tap, input channel) a contiguous row over the output channels.
+    taps_first = weight.permute(0, 3, 4, 2, 1).contiguous()
+    args = (
+        x, taps_first, scale.float().contiguous(), bias.float().contiguous(), branches, s,
+        C_in, H, W, C, Ho, Wo, group_in, group_out, C_in // M if split_input else 0, stride, M,
+        x.stride(0), branches.stride(0), branches.stride(1), chunk,
+    )
+    constexprs = dict(CHANNELS_LAST=channels_last, USE_DOT=use_dot, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_K=block_k)
+    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    start("split_fwd", (B, num_c_blocks, num_splits), args, constexprs, options)
+    return branches, s
+
+
 # --------------------------------------------------------------------------------------------------------
 # Training-mode BatchNorm + ReLU of the branches inside the kernels (kernels/batchnorm.py). The statistics
 # travel as one float32 [5, M, C] tensor, rows indexed by these names.
@@ -505,6 +624,7 @@ def example_launches(dtype: torch.dtype, M: int) -> list[Launch]:
     logits = torch.empty(2, M, 8, dtype=dtype, device=meta)
     grad_s, grad_out = torch.empty(2, 8, device=meta), torch.empty(2, 8, 4, 4, dtype=dtype, device=meta)
     stats, handoff = torch.empty(5, M, 8, device=meta), torch.empty(HANDOFF_ROWS, 2, M, 8, device=meta)
+    x, weight = torch.empty(2, 8, 4, 4, dtype=dtype, device=meta), torch.empty(M, 8, 8, 3, 3, dtype=dtype, device=meta)
     with recording() as launches:
         for prologue in (None, torch.empty(M, 8, device=meta)):
             fuse_forward(branches, prologue, prologue, False)
@@ -514,6 +634,7 @@ def example_launches(dtype: torch.dtype, M: int) -> list[Launch]:
         batch_norm_statistics(branches)
         select_bn_backward(grad_out, branches, logits, stats)
         fuse_bn_backward(grad_s, grad_out, branches, stats, handoff)
+        split_forward(x, weight, torch.empty(M, 8, device=meta), torch.empty(M, 8, device=meta), 1, False)
     return launches
 
 
@@ -545,18 +666,18 @@ class Specialization:
 
 
 def specializations(dtypes=tuple(DTYPE_NAMES)) -> Iterator[Specialization]:
-    """Every kernel specialization the launchers above can launch: each recorded launch's arguments (and
-    so its AFFINE flag) with every reachable configuration, tile shape and value of the family's flags."""
-    flag_values = (False, True)
+    """Every kernel specialization the launchers above can launch, once each: each recorded launch's
+    arguments (and so its AFFINE flag) with every reachable configuration and every constexpr variant
+    (tile shape, layout, flags) its family's launcher can choose. (The split kernel takes M as an
+    argument: its launches for different M are one specialization.)"""
+    seen = set()
     for dtype, M in itertools.product(dtypes, range(2, kernels.MAX_BRANCHES + 1)):
         for recorded in example_launches(dtype, M):
             family = FAMILIES[recorded.family]
             for config in sorted(reachable_configs(recorded.family, M), key=repr):
                 options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
-                tiles = reachable_tile_shapes(config.tile_bytes // dtype.itemsize)
-                for (channels_last, block_c, block_hw), *flags in itertools.product(
-                    tiles, *[flag_values] * len(family.flags)
-                ):
-                    constexprs = dict(recorded.constexprs, CHANNELS_LAST=channels_last, BLOCK_C=block_c,
-                                      BLOCK_HW=block_hw, **dict(zip(family.flags, flags)))
-                    yield Specialization(recorded.family, recorded.args, constexprs, options)
+                for variant in family.constexpr_variants(config, dtype):
+                    spec = Specialization(recorded.family, recorded.args, dict(recorded.constexprs, **variant), options)
+                    if spec.name not in seen:
+                        seen.add(spec.name)
+                        yield spec

@@ -14,13 +14,17 @@ from torch import Tensor, nn
 from sknet_triton import ops, reference
 
 __all__ = [
-    "SKConv", "SKAttention", "ConvBnAct", "set_backend", "make_divisible", "paper_attn_width", "timm_attn_width",
-    "BACKENDS",
+    "SKConv", "SKAttention", "ConvBnAct", "set_backend", "set_split_conv", "make_divisible", "paper_attn_width",
+    "timm_attn_width", "BACKENDS", "SPLIT_CONVS",
 ]
 
 # "auto": the Triton kernels where ops.uses_triton() says so, the plain-PyTorch reference elsewhere.
 # "torch": plain PyTorch operations only (TorchScript tracing, ONNX export, any device).
 BACKENDS = ("auto", "torch")
+# How an eval-mode SKConv computes its paths where the split kernel applies (see SKConv.split_kernel_applies):
+# "auto": the split kernel where this GPU's tuned table records it faster than cuDNN for the shape;
+# "triton": always the split kernel; "cudnn": always the paths' own convolutions.
+SPLIT_CONVS = ("auto", "triton", "cudnn")
 
 AttnWidth = Union[None, int, Callable[[int], int]]
 
@@ -248,12 +252,15 @@ class SKConv(nn.Module):
         self.num_paths = num_paths
         self.split_input = split_input
         self.backend = "auto"
+        self.split_conv = "auto"
         self.paths = nn.ModuleList(
             ConvBnAct(path_in, out_channels, k, stride, d, groups, norm_layer, act_layer) for k, d in branch_specs
         )
         self.attn = SKAttention(out_channels, num_paths, attn_channels, norm_layer, act_layer)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.split_kernel_applies(x):
+            return self._forward_split_kernel(x)
         if self.split_input:
             inputs = torch.split(x, self.in_channels // self.num_paths, dim=1)
         else:
@@ -304,6 +311,48 @@ class SKConv(nn.Module):
                 _update_running_statistics(bn, mean[m], var[m], B * H * W)
         return out
 
+    def split_kernel_applies(self, x: Tensor) -> bool:
+        """Whether this call runs the split kernel (``sknet_triton.sk_split``): eval mode with foldable
+        BatchNorm, the kernels' device, the paper's paths (3x3, dilation and padding m + 1, no bias, as in
+        the default ``keep_3x3``), no gradient wanted, and ``split_conv`` "triton", or "auto" where the tuned
+        table says so."""
+        if self.backend != "auto" or self.split_conv == "cudnn" or not ops.uses_triton(x.device):
+            return False
+        if x.dim() != 4 or not self._folds_batchnorm():
+            return False
+        # Inference only: where autograd needs the paths' gradients, they run as usual.
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.paths.parameters())):
+            return False
+        for m, path in enumerate(self.paths):
+            conv = path.conv
+            if (conv.kernel_size, conv.dilation, conv.padding) != ((3, 3), (m + 1, m + 1), (m + 1, m + 1)):
+                return False
+            if conv.bias is not None or conv.padding_mode != "zeros" or conv.stride not in ((1, 1), (2, 2)):
+                return False
+        if self.split_conv == "triton":
+            return True
+        stride = self.paths[0].conv.stride[0]
+        positions = ((x.shape[2] - 1) // stride + 1) * ((x.shape[3] - 1) // stride + 1)
+        return ops.prefers_split_kernel(
+            x.device, self._split_dtype(x), x.is_contiguous(memory_format=torch.channels_last), self.num_paths,
+            self.out_channels, positions,
+        )
+
+    def _split_dtype(self, x: Tensor) -> torch.dtype:
+        """The dtype the paths' convolutions run in: autocast's where it applies, else x's."""
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return x.dtype
+
+    def _forward_split_kernel(self, x: Tensor) -> Tensor:
+        """The forward pass with the split kernel: every path's convolution, BatchNorm and ReLU and the pooled
+        sum in one launch, then the attention and the select (with no prologue). Output as :meth:`forward`."""
+        dtype = self._split_dtype(x)
+        weight = torch.stack([path.conv.weight for path in self.paths]).to(dtype)
+        scale, bias = self._folded_batchnorm()
+        branches, s = ops.sk_split(x.to(dtype), weight, scale, bias, self.paths[0].conv.stride[0], self.split_input)
+        return ops.sk_select(branches, self.attn(s))
+
     def _folds_batchnorm(self) -> bool:
         """Whether eval-mode BatchNorm + ReLU of the paths go into the ops' prologue."""
         if self.training:
@@ -333,7 +382,7 @@ class SKConv(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_channels={self.in_channels}, out_channels={self.out_channels}, M={self.num_paths}, "
-            f"backend={self.backend!r}"
+            f"backend={self.backend!r}, split_conv={self.split_conv!r}"
         )
 
 
@@ -355,6 +404,22 @@ def _update_running_statistics(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, co
             momentum = 1.0 / bn.num_batches_tracked
     bn.running_mean.mul_(1 - momentum).add_(momentum * mean)
     bn.running_var.mul_(1 - momentum).add_(momentum * var * (count / (count - 1)))
+
+def set_split_conv(model: nn.Module, split_conv: str) -> nn.Module:
+    """Choose how every SKConv in ``model`` computes its paths in eval mode; returns ``model``.
+
+    ``"auto"`` (the default) runs the split kernel (``sknet_triton.sk_split``: every path's convolution,
+    BatchNorm and ReLU and the pooled sum in one launch) where the GPU's tuned table records it faster than
+    cuDNN for the shape, else the paths' own convolutions; ``"triton"`` always runs the split kernel where it
+    applies (eval mode, the kernels' device, the paper's 3x3 paths with dilations 1..M), and ``"cudnn"`` never
+    does. For tests and benchmarks; the ``"torch"`` backend (:func:`set_backend`) overrides it.
+    """
+    if split_conv not in SPLIT_CONVS:
+        raise ValueError(f"set_split_conv: split_conv must be one of {SPLIT_CONVS}, got {split_conv!r}")
+    for module in model.modules():
+        if isinstance(module, SKConv):
+            module.split_conv = split_conv
+    return model
 
 
 def set_backend(model: nn.Module, backend: str) -> nn.Module:

@@ -73,18 +73,19 @@ def empty_images(like: Tensor, channels_last: bool, dtype: Optional[torch.dtype]
     return torch.empty(like.shape, dtype=dtype or like.dtype, device=like.device, memory_format=fmt)
 
 
-def empty_stacked(like: Tensor, channels_last: bool) -> Tensor:
-    """An uninitialised [B, M, C, H, W] tensor shaped as ``like`` whose M views are dense in the layout."""
-    b, m, c, h, w = like.shape
+def empty_stacked(shape, dtype: torch.dtype, device: torch.device, channels_last: bool) -> Tensor:
+    """An uninitialised [B, M, C, H, W] tensor of ``shape`` whose M views are dense in the layout."""
+    b, m, c, h, w = shape
     if channels_last:
-        return torch.empty((b, m, h, w, c), dtype=like.dtype, device=like.device).permute(0, 1, 4, 2, 3)
-    return torch.empty((b, m, c, h, w), dtype=like.dtype, device=like.device)
+        return torch.empty((b, m, h, w, c), dtype=dtype, device=device).permute(0, 1, 4, 2, 3)
+    return torch.empty((b, m, c, h, w), dtype=dtype, device=device)
 
 
 def empty_branch_grads(branches: Sequence[Tensor], channels_last: bool) -> list[Tensor]:
     """Uninitialised gradients with the structure of ``branches`` (M tensors, or one stacked tensor)."""
     if len(branches) == 1:
-        return [empty_stacked(branches[0], channels_last)]
+        u = branches[0]
+        return [empty_stacked(u.shape, u.dtype, u.device, channels_last)]
     return [empty_images(u, channels_last) for u in branches]
 
 

@@ -1,7 +1,8 @@
-"""The Selective Kernel fuse and select operations: validation, dispatch and torch.library registration.
+"""The Selective Kernel split, fuse and select operations: validation, dispatch and torch.library registration.
 
-``sk_fuse`` and ``sk_select`` are the public entry points, and ``sk_fuse_select_bn`` the two of them over
-branches that still need training-mode BatchNorm (batch statistics) and ReLU. Each checks its inputs once, then runs either
+``sk_split`` (eval mode), ``sk_fuse`` and ``sk_select`` are the public entry points, and ``sk_fuse_select_bn`` the
+two of them over branches that still need training-mode BatchNorm (batch statistics) and ReLU. Each checks
+its inputs once, then runs either
 the Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) through custom ops that
 ``torch.compile`` traces without a graph break, or the plain-PyTorch reference (every other case).
 
@@ -18,7 +19,9 @@ import torch
 from torch import Tensor
 
 from sknet_triton import reference
-from sknet_triton.layout import branch_views, empty_branch_grads, empty_images, expanded_branch_grads, kernel_layout
+from sknet_triton.layout import (
+    branch_views, empty_branch_grads, empty_images, empty_stacked, expanded_branch_grads, image_layout, kernel_layout,
+)
 
 # Triton is published for Linux only: without the package every device runs the reference (and CUDA
 # tensors say so once). With it, the kernels must import: a broken installation is an error, not a
@@ -28,7 +31,10 @@ if importlib.util.find_spec("triton") is None:
 else:
     from sknet_triton import launch
 
-__all__ = ["sk_fuse", "sk_select", "sk_fuse_select_bn", "uses_triton", "kernel_path", "SUPPORTED_DTYPES", "MAX_BRANCHES"]
+__all__ = [
+    "sk_split", "sk_fuse", "sk_select", "sk_fuse_select_bn", "uses_triton", "prefers_split_kernel", "kernel_path",
+    "SUPPORTED_DTYPES", "MAX_BRANCHES",
+]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The kernels take the branches as this many pointers (sknet_triton.kernels.MAX_BRANCHES; a test ties them).
@@ -52,6 +58,13 @@ def kernel_path(device: torch.device) -> str:
     if not uses_triton(device):
         return "reference"
     return "triton-interpreter" if launch.INTERPRETED else "triton"
+
+
+def prefers_split_kernel(device: torch.device, dtype: torch.dtype, channels_last: bool, M: int, C: int, HW: int) -> bool:
+    """Whether the tuned table of this CUDA device's architecture records :func:`sk_split` faster than the
+    cuDNN convolutions it replaces, for M branches of C channels and HW output positions (see
+    ``sknet_triton/tuned/README.md``). False without such a record, and on any other device."""
+    return launch is not None and launch.split_measured_faster(device, dtype, channels_last, M, C, HW)
 
 
 def _dispatch_to_kernels(device: torch.device) -> bool:
@@ -193,8 +206,89 @@ def _check_batch_norm_inputs(
     return tensors, views
 
 
+def _check_split(x, weight, scale, bias, stride, split_input) -> None:
+    """Every check of one :func:`sk_split` call."""
+    op = "sk_split"
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        raise ValueError(f"{op}: x must be a 4-D tensor [B, C_in, H, W], got "
+                         f"{_describe(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    if not isinstance(weight, Tensor) or weight.dim() != 5 or tuple(weight.shape[3:]) != (3, 3):
+        raise ValueError(f"{op}: weight must be [M, C, C_path / groups, 3, 3], got "
+                         f"{_describe(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
+    _check_float("x", op, x)
+    if weight.dtype != x.dtype:
+        raise TypeError(f"{op}: weight is {weight.dtype}, x is {x.dtype}: they must match")
+    if weight.device != x.device:
+        raise ValueError(f"{op}: weight is on {weight.device}, x on {x.device}")
+    B, C_in, H, W = x.shape
+    M, C, group_in = weight.shape[:3]
+    if not 2 <= M <= MAX_BRANCHES:
+        raise ValueError(f"{op}: needs 2 to {MAX_BRANCHES} branches (weight.shape[0]), got {M}")
+    if min(C_in, H, W, C, group_in) == 0:
+        raise ValueError(f"{op}: needs C_in, H, W, C and the group width >= 1, got x {_describe(x.shape)} and "
+                         f"weight {_describe(weight.shape)}")
+    if not isinstance(stride, int) or isinstance(stride, bool) or stride not in (1, 2):
+        raise ValueError(f"{op}: stride must be 1 or 2, got {stride!r}")
+    if not isinstance(split_input, bool):
+        raise TypeError(f"{op}: split_input must be a bool, got {type(split_input).__name__}")
+    if split_input and C_in % M:
+        raise ValueError(f"{op}: split_input needs C_in ({C_in}) divisible by M ({M})")
+    path_in = C_in // M if split_input else C_in
+    if path_in % group_in or C % (path_in // group_in):
+        raise ValueError(
+            f"{op}: weight {_describe(weight.shape)} is no grouped convolution of {path_in} input channels per "
+            f"branch: its third size must divide them into groups that also divide its C = {C} output channels"
+        )
+    Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
+    if C_in * H * W >= MAX_IMAGE_ELEMENTS or M * C * Ho * Wo >= MAX_IMAGE_ELEMENTS:
+        raise ValueError(f"{op}: one image of x, and the M branches of one image, must hold fewer than 2**31 elements")
+    if scale is None or bias is None:
+        raise TypeError(f"{op}: scale and bias are required [M, C] tensors (eval-mode BatchNorm)")
+    _check_param(op, "scale", scale, (M, C), x.device)
+    _check_param(op, "bias", bias, (M, C), x.device)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        raise ValueError(
+            f"{op}: is for inference and has no backward, but x or weight requires grad; call it under "
+            "torch.no_grad() or torch.inference_mode(), or detach them"
+        )
+
+
 # --------------------------------------------------------------------------------------------------------
 # Public operations.
+
+
+def sk_split(
+    x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor, stride: int = 1, split_input: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Split in eval mode: M branches ``P_m = max(scale[m] * conv_m(x) + bias[m], 0)`` and their pooled sum.
+
+    ``conv_m`` is a grouped 3x3 convolution with dilation and padding m + 1 (the paper's branches, kernel
+    sizes 3, 5, 7, 9) and stride ``stride``; scale and bias are the branch's BatchNorm folded (eval mode).
+    Inference only: no gradient flows through it (a clear error says so when one is asked for).
+
+    Args:
+        x: [B, C_in, H, W], float32, float16 or bfloat16; contiguous or channels_last (other strides are
+            copied once).
+        weight: [M, C, C_path / groups, 3, 3] in x's dtype, branch m's convolution weights; M is 2 to 4.
+            C_path is C_in, or C_in / M with ``split_input`` (timm's skresnet: branch m reads input channels
+            [m * C_path, (m + 1) * C_path)). The groups follow from the shape.
+        scale, bias: [M, C], float32, float16 or bfloat16; not requiring grad.
+        stride: 1 or 2.
+        split_input: give each branch its own slice of x.
+
+    Returns:
+        ``branches`` [B, M, C, Ho, Wo] in x's dtype, each branch dense in x's layout (channels_last, else
+        contiguous), ready for :func:`sk_select` with no prologue; and ``s`` [B, C] float32, the mean over
+        (h, w) of the sum of the branches (:func:`sk_fuse` of them). Ho = (H - 1) // stride + 1, likewise
+        Wo. Accumulated in float32; s gathers the shares of position chunks with atomic adds, in no fixed
+        order unless ``torch.use_deterministic_algorithms(True)`` is set.
+    """
+    _check_split(x, weight, scale, bias, stride, split_input)
+    if _dispatch_to_kernels(x.device):
+        return torch.ops.sknet_triton.sk_split(x, weight, scale, bias, stride, split_input)
+    branches, s = reference.sk_split(x, weight, scale, bias, stride, split_input)
+    out = empty_stacked(branches.shape, branches.dtype, branches.device, bool(image_layout(x)))
+    return out.copy_(branches), s
 
 
 def sk_fuse(
@@ -323,6 +417,20 @@ def _operator(name: str, fake):
         return op
 
     return register
+
+
+def _split_shape(x, weight, scale, bias, stride, split_input):
+    (B, _, H, W), (M, C) = x.shape, weight.shape[:2]
+    shape = (B, M, C, (H - 1) // stride + 1, (W - 1) // stride + 1)
+    return empty_stacked(shape, x.dtype, x.device, bool(image_layout(x))), x.new_empty((B, C), dtype=torch.float32)
+
+
+@_operator("sk_split", _split_shape)
+def _sk_split_op(
+    x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor, stride: int, split_input: bool
+) -> tuple[Tensor, Tensor]:
+    _require_kernels(x)
+    return launch.split_forward(x, weight, scale, bias, stride, split_input)
 
 
 def _fuse_shape(branches, scale, bias, relu):

@@ -1,4 +1,4 @@
-"""The Selective Kernel fuse and select operations in plain PyTorch.
+"""The Selective Kernel split (eval mode), fuse and select operations in plain PyTorch.
 
 This module is the oracle the Triton kernels are tested against and the path every non-Triton device
 runs. It is written for clarity, not speed: every intermediate of the eager formulation is materialised.
@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["branch_values", "batch_norm_relu", "sk_fuse", "sk_select"]
+__all__ = ["branch_values", "batch_norm_relu", "sk_fuse", "sk_select", "sk_split"]
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -122,3 +123,32 @@ def sk_select(
     attention = torch.softmax(logits.to(values[0].dtype), dim=1)
     out = sum(attention[:, m, :, None, None] * p for m, p in enumerate(values))
     return out.to(branches[0].dtype)
+
+
+def sk_split(
+    x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor, stride: int = 1, split_input: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Split in eval mode: each branch's 3x3 convolution, folded BatchNorm and ReLU; and their pooled sum.
+
+    Args:
+        x: [B, C_in, H, W].
+        weight: [M, C, C_path / groups, 3, 3], branch m's convolution weights (dilation and padding m + 1),
+            C_path = C_in / M with ``split_input`` (branch m reads input channels [m * C_path, (m + 1) * C_path)),
+            else C_in.
+        scale, bias: [M, C]; ``P_m = max(scale[m, c] * conv_m(x) + bias[m, c], 0)``.
+        stride: of every branch.
+
+    Returns:
+        (branches [B, M, C, Ho, Wo] in x's dtype, s [B, C] = :func:`sk_fuse` of the branches), computed in
+        float32 (float64 for float64 input); Ho = (H - 1) // stride + 1, likewise Wo.
+    """
+    M = weight.shape[0]
+    dtype = _compute_dtype(x.dtype)
+    inputs = torch.chunk(x.to(dtype), M, dim=1) if split_input else [x.to(dtype)] * M
+    groups = inputs[0].shape[1] // weight.shape[2]
+    convs = [
+        F.conv2d(xi, weight[m].to(dtype), stride=stride, padding=m + 1, dilation=m + 1, groups=groups)
+        for m, xi in enumerate(inputs)
+    ]
+    values = branch_values(convs, scale.to(dtype), bias.to(dtype), relu=True)
+    return torch.stack(values, dim=1).to(x.dtype), sk_fuse(values)

@@ -17,7 +17,8 @@ SHAPES = [(2, 24, 9, 11), (1, 130, 5, 7), (3, 16, 32, 32), (1, 1, 1, 1)]
 
 
 def recorded_launches(shape, M, dtype, channels_last, prologue, stacked):
-    """What the op launchers launch for one problem (recorded, not run)."""
+    """What the op launchers launch for one problem (recorded, not run); the split with input and output
+    of the branches' shape, with every group width (the FMA loop and each tensor-core block) and stride."""
     branches = make_branches(shape, M, dtype, channels_last, stacked)
     branches = [branches] if stacked else branches
     logits = make_logits(shape[0], M, shape[1], dtype)
@@ -32,6 +33,13 @@ def recorded_launches(shape, M, dtype, channels_last, prologue, stacked):
         launch.select_forward(branches, logits, stats[launch.BN_SCALE], stats[launch.BN_SHIFT], True)
         _, handoff = launch.select_bn_backward(grad_out, branches, logits, stats)
         launch.fuse_bn_backward(s, grad_out, branches, stats, handoff)
+        C = shape[1]
+        x = torch.randn(shape, device=DEVICE).to(dtype)
+        x = x.to(memory_format=torch.channels_last) if channels_last else x
+        folded = torch.rand(M, C, device=DEVICE)
+        for group_in, stride in itertools.product(sorted({g for g in (1, 4, 8, 16, C) if C % g == 0}), (1, 2)):
+            weight = torch.randn(M, C, group_in, 3, 3, device=DEVICE).to(dtype)
+            launch.split_forward(x, weight, folded, folded, stride, False)
     return launches
 
 
