@@ -61,6 +61,12 @@ class Config:
     num_warps: int
     num_stages: int
     programs_per_sm: int  # the H*W axis is split until the grid has about this many programs per SM
+    maxnreg: Optional[int] = None  # registers per thread allowed to ptxas, where its own budget would spill
+
+    def options(self) -> dict:
+        """The launch options of this configuration, as Triton takes them."""
+        options = dict(num_warps=self.num_warps, num_stages=self.num_stages)
+        return options if self.maxnreg is None else dict(options, maxnreg=self.maxnreg)
 
 
 @dataclass(frozen=True)
@@ -115,7 +121,7 @@ FAMILIES = {
     "fuse_bn_bwd": Family(kernels.sk_fuse_bn_bwd_kernel, backward=True, variants=branch_variants),
     # The eval-mode split convolution (kernels/split.py); tile_bytes: its float32 accumulator tile [BLOCK_P, BLOCK_C].
     "split_fwd": Family(kernels.sk_split_fwd_kernel, backward=False, variants=split_variants, streaming=False,
-                        default=Config(tile_bytes=8192, num_warps=8, num_stages=1, programs_per_sm=8)),
+                        default=Config(tile_bytes=8192, num_warps=8, num_stages=1, programs_per_sm=8, maxnreg=168)),
 }
 
 # The untuned defaults. Backward kernels stream 2M + 1 tensors (and the select backward holds M float32
@@ -249,8 +255,7 @@ class Plan:
     num_c_blocks: int
     num_splits: int
     chunk: int  # positions per split, a multiple of block_hw
-    num_warps: int
-    num_stages: int
+    options: dict  # Triton's launch options (num_warps, num_stages, ...)
 
 
 def tile_shape(channels_last: bool, C: int, HW: int, tile: int) -> tuple[int, int]:
@@ -294,7 +299,7 @@ def plan(
     block_c, block_hw = tile_shape(channels_last, C, HW, config.tile_bytes // dtype.itemsize)
     num_c_blocks = math.ceil(C / block_c)
     num_splits, chunk = chunking(B * num_c_blocks, HW, block_hw, device, config, deterministic)
-    return Plan(block_c, block_hw, num_c_blocks, num_splits, chunk, config.num_warps, config.num_stages)
+    return Plan(block_c, block_hw, num_c_blocks, num_splits, chunk, config.options())
 
 
 def chunking(
@@ -392,7 +397,7 @@ def _launch(family: str, j: Job, scale: Optional[Tensor], bias: Optional[Tensor]
     all_args = (*pointers, scale, bias, *args, C, H * W, j.batch_stride, p.chunk)
     constexprs = dict(M=M, AFFINE=affine, CHANNELS_LAST=j.channels_last, BLOCK_C=p.block_c, BLOCK_HW=p.block_hw,
                       **flags)
-    options = dict(num_warps=p.num_warps, num_stages=p.num_stages)
+    options = p.options
     start(family, (B, p.num_c_blocks, p.num_splits), all_args, constexprs, options)
 
 
@@ -514,7 +519,7 @@ def split_forward(
         x.stride(0), branches.stride(0), branches.stride(1), chunk,
     )
     constexprs = dict(CHANNELS_LAST=channels_last, USE_DOT=use_dot, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_K=block_k)
-    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    options = config.options()
     start("split_fwd", (B, num_c_blocks, num_splits), args, constexprs, options)
     return branches, s
 
@@ -675,7 +680,7 @@ def specializations(dtypes=tuple(DTYPE_NAMES)) -> Iterator[Specialization]:
         for recorded in example_launches(dtype, M):
             family = FAMILIES[recorded.family]
             for config in sorted(reachable_configs(recorded.family, M), key=repr):
-                options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+                options = config.options()
                 for variant in family.constexpr_variants(config, dtype):
                     spec = Specialization(recorded.family, recorded.args, dict(recorded.constexprs, **variant), options)
                     if spec.name not in seen:

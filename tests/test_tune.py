@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from perf import tune
 from sknet_triton import launch
 from tests.helpers import requires_kernels
 from tests.ops_inputs import make_branches, make_logits
@@ -48,7 +49,7 @@ def test_dry_run_writes_a_table_launch_reads(tmp_path):
     assert {"arch", "gpu", "torch", "triton", "commit", "entries"} <= set(data)
     entries = launch.read_table(table)
     assert {(e.family, e.channels_last) for e in entries} == {
-        (f, cl) for f in launch.FAMILIES for cl in (True, False)}
+        (f, cl) for f in tune.FAMILIES for cl in (True, False)}
     winners = pd.read_csv(tmp_path / "winners.csv")
     assert (winners["status"] == "ok").all() and (winners["check err"] < 1e-4).all()
     candidates = pd.read_csv(tmp_path / "tune.csv")
