@@ -7,8 +7,6 @@ returns logits [B, num_classes].
 
     model = sknet_triton.create_model("sknet50", num_classes=100)
 """
-from __future__ import annotations
-
 from typing import Any, Callable, Optional, Sequence
 
 import torch.nn.functional as F
