@@ -4,14 +4,14 @@ Parameter names and state-dict layout are those of timm's ``SelectiveKernel``
 (``paths.{m}.conv``, ``paths.{m}.bn``, ``attn.fc_reduce``, ``attn.bn``, ``attn.fc_select``), so timm
 weights load unchanged.
 """
-from __future__ import annotations
-
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.fx
 from torch import Tensor, nn
 
 from sknet_triton import ops, reference
+from sknet_triton.graph_ops import sk_fuse, sk_select
 
 __all__ = [
     "SKConv", "SKAttention", "ConvBnAct", "set_backend", "set_split_conv", "make_divisible", "paper_attn_width",
@@ -55,6 +55,26 @@ def check_bool(owner: str, name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{owner}: {name} must be True or False, got {type(value).__name__} {value!r}")
     return value
+
+
+def _batchnorm_affine(
+    running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+) -> Tuple[Tensor, Tensor]:
+    """Eval-mode BatchNorm as float32 ``scale`` and ``shift`` [C] (``BN(y) = scale * y + shift``), from its
+    running statistics [C], optional affine weight and bias [C] (any floating dtype) and ``eps``."""
+    scale = torch.rsqrt(running_var.float() + eps)
+    shift = -running_mean.float() * scale
+    if weight is not None and bias is not None:
+        scale = scale * weight.float()
+        shift = shift * weight.float() + bias.float()
+    return scale, shift
+
+
+# One node each in any torch.fx graph of an SKConv. The fused ops' kernels cannot be traced; BatchNorm's
+# statistics become graph inputs (read by an fx tracer, they would be recorded as constants).
+torch.fx.wrap("sk_fuse")
+torch.fx.wrap("sk_select")
+torch.fx.wrap("_batchnorm_affine")
 
 
 def make_divisible(value: float, divisor: int = 8, min_value: Optional[int] = None, round_limit: float = 0.9) -> int:
@@ -259,28 +279,41 @@ class SKConv(nn.Module):
         self.attn = SKAttention(out_channels, num_paths, attn_channels, norm_layer, act_layer)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.split_kernel_applies(x):
-            return self._forward_split_kernel(x)
-        if self.split_input:
-            inputs = torch.split(x, self.in_channels // self.num_paths, dim=1)
-        else:
-            inputs = [x] * self.num_paths
+        inputs = self._path_inputs(x)
         if self.backend == "torch":
-            branches = [path(xi) for path, xi in zip(self.paths, inputs)]
-            s = reference.sk_fuse(branches)
-            return reference.sk_select(branches, self.attn(s))
-        if self._normalises_with_batch_statistics(x):
-            return self._forward_batch_statistics(inputs)
-        if self._folds_batchnorm():
-            branches = [path.conv(xi) for path, xi in zip(self.paths, inputs)]
-            scale, bias = self._folded_batchnorm()
-            relu = True
-        else:
-            branches = [path(xi) for path, xi in zip(self.paths, inputs)]
-            scale = bias = None
-            relu = False
-        s = ops.sk_fuse(branches, scale, bias, relu)
-        return ops.sk_select(branches, self.attn(s), scale, bias, relu)
+            branches = self._run_paths(inputs)
+            return reference.sk_select(branches, self.attn(reference.sk_fuse(branches)))
+        if not torch.jit.is_scripting():
+            # TorchScript cannot compile these checks: scripted SK units run their paths, then the fused ops.
+            # An fx graph (x a Proxy) records a unit through the fused ops too, in any mode.
+            traced = isinstance(x, torch.fx.Proxy)
+            if not traced and self.split_kernel_applies(x):
+                return self._forward_split_kernel(x)
+            if not traced and self._normalises_with_batch_statistics(x):
+                return self._forward_batch_statistics(inputs)
+            if self._folds_batchnorm():
+                branches = [path.conv(xi) for path, xi in zip(self.paths, inputs)]
+                scale, bias = self._folded_batchnorm()
+                s = sk_fuse(branches, scale, bias, True)
+                return sk_select(branches, self.attn(s), scale, bias, True)
+        branches = self._run_paths(inputs)
+        return sk_select(branches, self.attn(sk_fuse(branches)))
+
+    def _path_inputs(self, x: Tensor) -> List[Tensor]:
+        """Each path's input: its channel slice of ``x`` with ``split_input``, else ``x`` itself."""
+        if self.split_input:
+            # Indexed rather than iterated: under torch.fx the split is one Proxy, of unknown length.
+            parts = torch.split(x, self.in_channels // self.num_paths, dim=1)
+            return [parts[m] for m in range(self.num_paths)]
+        return [x] * self.num_paths
+
+    def _run_paths(self, inputs: List[Tensor]) -> List[Tensor]:
+        """Each path (convolution, BatchNorm, activation) on its input."""
+        branches: List[Tensor] = []
+        # enumerate: TorchScript unrolls a loop over a ModuleList, but cannot zip one with a list.
+        for m, path in enumerate(self.paths):
+            branches.append(path(inputs[m]))
+        return branches
 
     def _normalises_with_batch_statistics(self, x: Tensor) -> bool:
         """Whether the paths' BatchNorm with batch statistics (training, or no running statistics) and ReLU
@@ -361,7 +394,8 @@ class SKConv(nn.Module):
             bn = path.bn
             if type(bn) is not nn.BatchNorm2d or bn.running_mean is None or type(path.act) is not nn.ReLU:
                 return False
-            if torch.is_grad_enabled() and bn.affine and (bn.weight.requires_grad or bn.bias.requires_grad):
+            # parameters() yields the tensors themselves, also while torch.fx traces (attributes give proxies).
+            if torch.is_grad_enabled() and any(p.requires_grad for p in bn.parameters()):
                 return False
         return True
 
@@ -370,11 +404,7 @@ class SKConv(nn.Module):
         scales, biases = [], []
         for path in self.paths:
             bn = path.bn
-            scale = torch.rsqrt(bn.running_var.float() + bn.eps)
-            bias = -bn.running_mean.float() * scale
-            if bn.affine:
-                scale = scale * bn.weight.float()
-                bias = bias * bn.weight.float() + bn.bias.float()
+            scale, bias = _batchnorm_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
             scales.append(scale)
             biases.append(bias)
         return torch.stack(scales), torch.stack(biases)

@@ -10,8 +10,6 @@ and data configuration (``pretrained_cfg``).
     model = sknet_triton.create_model("sknet50", num_classes=100)
     model = sknet_triton.create_model("sknet50", pretrained=True)  # timm's skresnext50_32x4d weights
 """
-from __future__ import annotations
-
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch.nn.functional as F

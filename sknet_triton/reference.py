@@ -6,7 +6,7 @@ Computation happens in float32 (float64 for float64 inputs), as in the kernels.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,11 +20,11 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def branch_values(
-    branches: Sequence[Tensor],
+    branches: List[Tensor],
     scale: Optional[Tensor] = None,
     bias: Optional[Tensor] = None,
     relu: bool = False,
-) -> list[Tensor]:
+) -> List[Tensor]:
     """The branch values ``P_m`` after the optional per-channel prologue.
 
     Args:
@@ -35,7 +35,7 @@ def branch_values(
     Returns:
         M tensors [B, C, H, W] in float32 (float64 for float64 input).
     """
-    values = []
+    values: List[Tensor] = []
     for m, u in enumerate(branches):
         p = u.to(_compute_dtype(u.dtype))
         if scale is not None:
@@ -83,7 +83,7 @@ def batch_norm_relu(
 
 
 def sk_fuse(
-    branches: Sequence[Tensor],
+    branches: List[Tensor],
     scale: Optional[Tensor] = None,
     bias: Optional[Tensor] = None,
     relu: bool = False,
@@ -102,7 +102,7 @@ def sk_fuse(
 
 
 def sk_select(
-    branches: Sequence[Tensor],
+    branches: List[Tensor],
     logits: Tensor,
     scale: Optional[Tensor] = None,
     bias: Optional[Tensor] = None,
@@ -121,7 +121,9 @@ def sk_select(
     """
     values = branch_values(branches, scale, bias, relu)
     attention = torch.softmax(logits.to(values[0].dtype), dim=1)
-    out = sum(attention[:, m, :, None, None] * p for m, p in enumerate(values))
+    out = attention[:, 0, :, None, None] * values[0]
+    for m in range(1, len(values)):
+        out = out + attention[:, m, :, None, None] * values[m]
     return out.to(branches[0].dtype)
 
 
