@@ -36,15 +36,15 @@ case "$PART" in
     : >"$OUT/summary1.txt"
     step environment 15 bash -c "nvidia-smi; $PYTHON -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.version.cuda, torch.cuda.get_device_name())'"
     step install 35 "$PYTHON" -m pip install --no-deps --no-build-isolation -e .
-    # The ops' tests on CUDA, and CUDA graphs on the smallest model and on sknet50 (each model's compile is
+    # The kernels' tests on CUDA (fuse, select, training-mode BatchNorm, split), and CUDA graphs on the smallest model and on sknet50 (each model's compile is
     # tens of seconds: `pytest tests/test_cuda_graphs.py` covers every registered model on its own).
-    step tests 90 "$PYTHON" -m pytest -q --durations=10 tests/test_ops.py tests/test_ops_compile.py \
-        tests/test_ops_validation.py tests/test_launch.py
+    step tests 120 "$PYTHON" -m pytest -q --durations=10 tests/test_ops.py tests/test_ops_compile.py \
+        tests/test_ops_validation.py tests/test_launch.py tests/test_bn_train.py tests/test_split.py
     step cuda_graphs 50 "$PYTHON" -m pytest -q --durations=5 tests/test_cuda_graphs.py -k "sknet_tiny or sknet50"
-    step tune 130 "$PYTHON" perf/tune.py --budget-s 95 --out "$WORK/tune"
+    step tune 110 "$PYTHON" perf/tune.py --budget-s 80 --out "$WORK/tune"
     cp sknet_triton/tuned/sm_*.json "$WORK/" 2>/dev/null
     # Ordered by shape, largest first: a run cut short has the shapes the targets name.
-    step ops 95 "$PYTHON" perf/ops.py --budget-s 60 --out "$WORK/ops"
+    step ops 80 "$PYTHON" perf/ops.py --budget-s 50 --out "$WORK/ops"
     ;;
 2)
     : >"$OUT/summary2.txt"

@@ -88,15 +88,8 @@ def sk_fuse(
     bias: Optional[Tensor] = None,
     relu: bool = False,
 ) -> Tensor:
-    """Fuse: the global average pool of the sum of the branches.
-
-    Args:
-        branches: M tensors [B, C, H, W].
-        scale, bias, relu: the prologue of :func:`branch_values`.
-
-    Returns:
-        ``s`` [B, C], float32 (float64 for float64 input): ``mean over (h, w) of sum over m of P_m``.
-    """
+    """Plain-PyTorch :func:`sknet_triton.ops.sk_fuse` (shapes, dtypes and meaning there), over M branch
+    tensors [B, C, H, W], unvalidated; float32 result (float64 for float64 input)."""
     values = branch_values(branches, scale, bias, relu)
     return torch.stack(values, dim=1).sum(dim=1).mean(dim=(2, 3))
 
@@ -108,17 +101,9 @@ def sk_select(
     bias: Optional[Tensor] = None,
     relu: bool = False,
 ) -> Tensor:
-    """Select: the branches weighted by a softmax over the branch axis.
-
-    Args:
-        branches: M tensors [B, C, H, W].
-        logits: [B, M, C] attention logits (path-major, as timm's ``fc_select`` output viewed [B, M, C]).
-        scale, bias, relu: the prologue of :func:`branch_values`.
-
-    Returns:
-        ``sum over m of softmax(logits, dim=1)[:, m, :, None, None] * P_m``, [B, C, H, W], in the
-        branches' dtype and memory format.
-    """
+    """Plain-PyTorch :func:`sknet_triton.ops.sk_select` (shapes, dtypes and meaning there), over M branch
+    tensors [B, C, H, W], unvalidated; computed in float32 (float64 for float64 input), returned in the
+    branches' dtype."""
     values = branch_values(branches, scale, bias, relu)
     attention = torch.softmax(logits.to(values[0].dtype), dim=1)
     out = attention[:, 0, :, None, None] * values[0]
@@ -130,20 +115,9 @@ def sk_select(
 def sk_split(
     x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor, stride: int = 1, split_input: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """Split in eval mode: each branch's 3x3 convolution, folded BatchNorm and ReLU; and their pooled sum.
-
-    Args:
-        x: [B, C_in, H, W].
-        weight: [M, C, C_path / groups, 3, 3], branch m's convolution weights (dilation and padding m + 1),
-            C_path = C_in / M with ``split_input`` (branch m reads input channels [m * C_path, (m + 1) * C_path)),
-            else C_in.
-        scale, bias: [M, C]; ``P_m = max(scale[m, c] * conv_m(x) + bias[m, c], 0)``.
-        stride: of every branch.
-
-    Returns:
-        (branches [B, M, C, Ho, Wo] in x's dtype, s [B, C] = :func:`sk_fuse` of the branches), computed in
-        float32 (float64 for float64 input); Ho = (H - 1) // stride + 1, likewise Wo.
-    """
+    """Plain-PyTorch :func:`sknet_triton.ops.sk_split` (shapes, dtypes and meaning there), unvalidated:
+    ``F.conv2d`` per branch, the folded BatchNorm, ReLU, and :func:`sk_fuse` of the branches; computed in
+    float32 (float64 for float64 input), the branches returned stacked [B, M, C, Ho, Wo] in x's dtype."""
     M = weight.shape[0]
     dtype = _compute_dtype(x.dtype)
     inputs = torch.chunk(x.to(dtype), M, dim=1) if split_input else [x.to(dtype)] * M
