@@ -116,7 +116,10 @@ FAMILIES = {
     "select_bwd": Family(kernels.sk_select_bwd_kernel, backward=True, flags=("RELU",), variants=branch_variants),
     # Training-mode BatchNorm + ReLU of the branches (kernels/batchnorm.py): the batch statistics, then the
     # select and fuse backward passes. The select pass holds 5M float32 accumulators: backward tiles.
-    "bn_stats": Family(kernels.sk_bn_stats_kernel, backward=False, variants=branch_variants),
+    # Two float32 accumulator tiles (mean, M2) per branch: half the forward tile, and a register budget above
+    # the one ptxas picks for itself, under which a few sm_80 variants spilled 4-8 bytes.
+    "bn_stats": Family(kernels.sk_bn_stats_kernel, backward=False, variants=branch_variants,
+                       default=Config(tile_bytes=4096, num_warps=8, num_stages=3, programs_per_sm=16, maxnreg=168)),
     "select_bn_bwd": Family(kernels.sk_select_bn_bwd_kernel, backward=True, variants=branch_variants),
     "fuse_bn_bwd": Family(kernels.sk_fuse_bn_bwd_kernel, backward=True, variants=branch_variants),
     # The eval-mode split convolution (kernels/split.py); tile_bytes: its float32 accumulator tile [BLOCK_P, BLOCK_C].
