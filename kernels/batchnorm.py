@@ -31,7 +31,9 @@ op takes (see ``sknet_triton.ops``). Backward moves (M + 1) + (2M + 1) = (3M + 2
 import triton
 import triton.language as tl
 
-from .tile import at_image, program_tile, prologue_params, softmax_weights, tile_mask, tile_offsets
+from .tile import (
+    add_softmax_grad_share, at_image, program_tile, prologue_params, softmax_weights, tile_mask, tile_offsets,
+)
 
 
 @triton.jit
@@ -170,16 +172,7 @@ def sk_select_bn_bwd_kernel(
             g3, dv_on3, dv_x_on3, on3, x_on3 = _branch_sums(
                 u3_ptr + at, dv, mask, scale3, shift3, mean3, rstd3, g3, dv_on3, dv_x_on3, on3, x_on3)
 
-    # This chunk's share of the softmax backward (linear in g; branches m >= M have a_m = 0).
-    s0, s1, s2, s3 = tl.sum(g0, axis=1), tl.sum(g1, axis=1), tl.sum(g2, axis=1), tl.sum(g3, axis=1)
-    mean_g = a0 * s0 + a1 * s1 + a2 * s2 + a3 * s3
-    row = dlogits_ptr + b * M * C + c
-    tl.atomic_add(row, a0 * (s0 - mean_g), mask=c_mask)
-    tl.atomic_add(row + C, a1 * (s1 - mean_g), mask=c_mask)
-    if M > 2:
-        tl.atomic_add(row + 2 * C, a2 * (s2 - mean_g), mask=c_mask)
-    if M > 3:
-        tl.atomic_add(row + 3 * C, a3 * (s3 - mean_g), mask=c_mask)
+    add_softmax_grad_share(dlogits_ptr, b, c, c_mask, C, a0, a1, a2, a3, g0, g1, g2, g3, M)
 
     sums_stride = tl.num_programs(0) * M * C  # one of the four [B, M, C] rows
     at = b * M * C + c

@@ -11,7 +11,9 @@ dlogits into the zeroed float32 output with atomic adds: one launch, no partials
 import triton
 import triton.language as tl
 
-from .tile import at_image, load_branch, program_tile, prologue_params, softmax_weights, tile_mask, tile_offsets
+from .tile import (
+    add_softmax_grad_share, at_image, load_branch, program_tile, prologue_params, softmax_weights, tile_mask, tile_offsets,
+)
 
 
 @triton.jit
@@ -103,13 +105,4 @@ def sk_select_bwd_kernel(
         if M > 3:
             g3 += _branch_grad(du3_ptr + at, u3_ptr + at, dv, mask, a3, scale3, bias3, AFFINE, RELU)
 
-    # This chunk's share of the softmax backward (linear in g; branches m >= M have a_m = 0).
-    s0, s1, s2, s3 = tl.sum(g0, axis=1), tl.sum(g1, axis=1), tl.sum(g2, axis=1), tl.sum(g3, axis=1)
-    mean_g = a0 * s0 + a1 * s1 + a2 * s2 + a3 * s3
-    row = dlogits_ptr + b * M * C + c
-    tl.atomic_add(row, a0 * (s0 - mean_g), mask=c_mask)
-    tl.atomic_add(row + C, a1 * (s1 - mean_g), mask=c_mask)
-    if M > 2:
-        tl.atomic_add(row + 2 * C, a2 * (s2 - mean_g), mask=c_mask)
-    if M > 3:
-        tl.atomic_add(row + 3 * C, a3 * (s3 - mean_g), mask=c_mask)
+    add_softmax_grad_share(dlogits_ptr, b, c, c_mask, C, a0, a1, a2, a3, g0, g1, g2, g3, M)

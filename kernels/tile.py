@@ -115,3 +115,21 @@ def softmax_weights(logits_ptr, b, c, c_mask, C, M: tl.constexpr):
     e3 = tl.exp(l3 - top)
     inv = 1.0 / (e0 + e1 + e2 + e3)
     return e0 * inv, e1 * inv, e2 * inv, e3 * inv
+
+
+@triton.jit
+def add_softmax_grad_share(dlogits_ptr, b, c, c_mask, C, a0, a1, a2, a3, g0, g1, g2, g3, M: tl.constexpr):
+    """Add one chunk's share of dlogits = a * (g - sum over k of a_k * g_k) for image b and channels c into
+    the zeroed float32 [B, M, C] at ``dlogits_ptr``, from the chunk's [BLOCK_C, BLOCK_HW] tiles of dV * P_m.
+
+    The softmax backward is linear in g, so the chunks' shares add up to it; branches m >= M have a_m = 0.
+    """
+    s0, s1, s2, s3 = tl.sum(g0, axis=1), tl.sum(g1, axis=1), tl.sum(g2, axis=1), tl.sum(g3, axis=1)
+    mean_g = a0 * s0 + a1 * s1 + a2 * s2 + a3 * s3
+    row = dlogits_ptr + b * M * C + c
+    tl.atomic_add(row, a0 * (s0 - mean_g), mask=c_mask)
+    tl.atomic_add(row + C, a1 * (s1 - mean_g), mask=c_mask)
+    if M > 2:
+        tl.atomic_add(row + 2 * C, a2 * (s2 - mean_g), mask=c_mask)
+    if M > 3:
+        tl.atomic_add(row + 3 * C, a3 * (s3 - mean_g), mask=c_mask)

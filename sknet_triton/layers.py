@@ -444,12 +444,7 @@ def set_split_conv(model: nn.Module, split_conv: str) -> nn.Module:
     applies (eval mode, the kernels' device, the paper's 3x3 paths with dilations 1..M), and ``"cudnn"`` never
     does. For tests and benchmarks; the ``"torch"`` backend (:func:`set_backend`) overrides it.
     """
-    if split_conv not in SPLIT_CONVS:
-        raise ValueError(f"set_split_conv: split_conv must be one of {SPLIT_CONVS}, got {split_conv!r}")
-    for module in model.modules():
-        if isinstance(module, SKConv):
-            module.split_conv = split_conv
-    return model
+    return _set_on_every_unit(model, "set_split_conv", "split_conv", split_conv, SPLIT_CONVS)
 
 
 def set_backend(model: nn.Module, backend: str) -> nn.Module:
@@ -459,9 +454,14 @@ def set_backend(model: nn.Module, backend: str) -> nn.Module:
     ``TRITON_INTERPRET=1``) and the plain-PyTorch reference elsewhere. ``"torch"`` runs plain PyTorch
     operations only, with the same outputs: for ``torch.jit.trace``, ONNX export, or any device.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"set_backend: backend must be one of {BACKENDS}, got {backend!r}")
+    return _set_on_every_unit(model, "set_backend", "backend", backend, BACKENDS)
+
+
+def _set_on_every_unit(model: nn.Module, caller: str, attribute: str, value: str, allowed: tuple) -> nn.Module:
+    """Set ``attribute`` of every SKConv in ``model`` to ``value``, one of ``allowed``; returns ``model``."""
+    if value not in allowed:
+        raise ValueError(f"{caller}: {attribute} must be one of {allowed}, got {value!r}")
     for module in model.modules():
         if isinstance(module, SKConv):
-            module.backend = backend
+            setattr(module, attribute, value)
     return model
