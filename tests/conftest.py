@@ -14,3 +14,19 @@ if not torch.cuda.is_available():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def min_programs():
+    """Plans as on a large GPU, on the CPU: ``min_programs(n)`` makes launches cut the H*W axis until they
+    have n programs. Plans made meanwhile are dropped afterwards."""
+    from sknet_triton import launch
+
+    with pytest.MonkeyPatch.context() as patch:
+
+        def set_count(count: int) -> None:
+            patch.setattr(launch, "CPU_MIN_PROGRAMS", count)
+            launch.plan.cache_clear()
+
+        yield set_count
+    launch.plan.cache_clear()

@@ -126,16 +126,8 @@ def test_without_affine_parameters(monkeypatch):
     run_and_check(branches, LinearAttention(shape[0], M, shape[1]), None, None, torch.float32, monkeypatch)
 
 
-@pytest.fixture
-def many_programs(monkeypatch):
-    """Plans as on a large GPU: the H*W axis cut into many chunks."""
-    monkeypatch.setattr(launch, "CPU_MIN_PROGRAMS", 16)
-    launch.plan.cache_clear()
-    yield
-    launch.plan.cache_clear()
-
-
-def test_many_splits(many_programs, monkeypatch):
+def test_many_splits(min_programs, monkeypatch):
+    min_programs(16)
     # Per-program statistics of unequal chunks (the last holds one position) combine into the batch's, and
     # every chunk's share of dlogits and of BatchNorm's sums adds up.
     shape, M = (2, 8, 9, 9), 2

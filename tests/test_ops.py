@@ -132,17 +132,9 @@ def test_other_strides(case, monkeypatch):
         assert out.is_contiguous(), "copied inputs give a contiguous output"
 
 
-@pytest.fixture
-def many_programs(monkeypatch):
-    """Plans as on a large GPU: the H*W axis cut into many chunks."""
-    monkeypatch.setattr(launch, "CPU_MIN_PROGRAMS", 64)
-    launch.plan.cache_clear()
-    yield
-    launch.plan.cache_clear()
-
-
 @pytest.mark.parametrize("prologue", ["none", "affine_relu"])
-def test_many_splits(prologue, many_programs, monkeypatch):
+def test_many_splits(prologue, min_programs, monkeypatch):
+    min_programs(64)
     # Every chunk adds its share of s and of dlogits atomically: the shares must add up.
     shape = (1, 8, 24, 24)
     p = launch.plan("select_bwd", 1, 8, 24 * 24, 2, torch.float32, True, DEVICE)
@@ -152,7 +144,8 @@ def test_many_splits(prologue, many_programs, monkeypatch):
     run_and_check(branches, make_logits(1, 2, 8), scale, bias, relu, torch.float32, monkeypatch)
 
 
-def test_deterministic_algorithms_give_one_chunk_and_repeatable_results(many_programs):
+def test_deterministic_algorithms_give_one_chunk_and_repeatable_results(min_programs):
+    min_programs(64)
     shape = (1, 8, 24, 24)
     assert launch.plan("fuse_fwd", 1, 8, 24 * 24, 2, torch.float32, True, DEVICE, deterministic=True).num_splits == 1
     branches = make_branches(shape, 2, torch.float32, True, stacked=False)

@@ -93,12 +93,6 @@ def test_each_group_width_takes_its_inner_product(group_in, tensor_cores):
     assert split.constexprs["USE_DOT"] is tensor_cores
 
 
-@pytest.fixture
-def many_programs(monkeypatch):
-    """Plans as on a large GPU: the positions cut into many chunks."""
-    monkeypatch.setattr(launch, "CPU_MIN_PROGRAMS", 64)
-
-
 @pytest.mark.parametrize("group_in", [4, 16])
 def test_many_chunks_add_up(group_in, monkeypatch):
     # Every chunk of positions adds its share of s atomically, after several tiles each.
@@ -111,7 +105,8 @@ def test_many_chunks_add_up(group_in, monkeypatch):
     check_split(x, weight, scale, bias, 1, False, monkeypatch)
 
 
-def test_deterministic_algorithms_give_one_chunk_and_repeatable_results(many_programs):
+def test_deterministic_algorithms_give_one_chunk_and_repeatable_results(min_programs):
+    min_programs(64)
     x, weight, scale, bias = make_inputs(1, 16, 20, 20, 16, 2, 4, F32, True)
     torch.use_deterministic_algorithms(True)
     try:
