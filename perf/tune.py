@@ -232,8 +232,7 @@ def verify(problem: Problem, config, device: torch.device) -> float:
     inputs = _inputs(problem, device, seed=1234)
     expected = _reference(problem, inputs)
     if device.type == "cuda":
-        poison = torch.full((4 * sum(e.numel() for e in expected),), float("nan"), device=device)
-        del poison
+        torch.full((4 * sum(e.numel() for e in expected),), float("nan"), device=device)  # freed at once
     with launch.forcing_config(config):
         actual = ops.outputs(_launcher_call(problem, inputs)())
     return relative_error(actual, expected)

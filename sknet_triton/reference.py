@@ -49,7 +49,7 @@ def branch_values(
 
 
 def batch_norm_relu(
-    branches: Sequence[Tensor],
+    branches: List[Tensor],
     weight: Optional[Tensor] = None,
     bias: Optional[Tensor] = None,
     eps: float = 1e-5,

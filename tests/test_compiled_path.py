@@ -11,8 +11,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 SCRIPT = textwrap.dedent('''
     import json, torch
     from torch._subclasses.fake_tensor import FakeTensorMode

@@ -19,7 +19,6 @@ from sknet_triton import SKConv, accelerate, create_model, graph_ops, list_model
 from sknet_triton.layers import _batchnorm_affine
 from tests.helpers import DEVICE, requires_kernels
 from tests.model_helpers import (
-    assert_as_accurate_as,
     assert_close_relative,
     assert_grads_as_accurate_as,
     randomize_batchnorm,
