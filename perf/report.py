@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import platform
 import re
 import subprocess
@@ -48,14 +49,15 @@ def _cpu_name() -> str:
 
 
 def git_commit() -> str:
-    """The short commit hash of the repository, with ``-dirty`` if tracked files have changed."""
+    """The short commit hash of the repository, with ``-dirty`` if tracked files have changed; in a copy of
+    the tree without git's data, the environment's ``SKNET_TRITON_COMMIT`` (set by whoever made the copy)."""
     def git(*args):
         return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True).stdout.strip()
     try:
         commit = git("rev-parse", "--short", "HEAD")
         return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("SKNET_TRITON_COMMIT", "unknown")
 
 
 def environment(device: torch.device) -> dict:

@@ -16,6 +16,11 @@ the plain-PyTorch reference before it is written to ``sknet_triton/tuned/sm_<cc>
 sknet_triton/tuned/README.md), stamped with the GPU, torch, triton and the commit; every candidate's
 time goes to ``--out``/tune.csv.
 
+The eval-mode split kernel (``sknet_triton.sk_split``) is timed against what it replaces, SK unit by SK
+unit of SKNet-50 (``SKConv`` forward with ``split_conv`` "cudnn" against "triton", each candidate
+configuration forced on the split kernel alone): a ``split_fwd`` entry is written only where the kernel's
+best beat cuDNN, which is what ``split_conv="auto"`` reads.
+
     python perf/tune.py [--budget-s 270] [--jobs N] [--out DIR]
     python perf/tune.py --dry-run      # tiny grid and shapes, on the CPU through Triton's interpreter
 """
@@ -46,9 +51,10 @@ from tqdm import tqdm
 from perf import ops, report
 from perf.accuracy import OP_TOLERANCE, relative_error
 
-# The families tuned so far: those of sk_fuse and sk_select. The training-mode BatchNorm and split kernels
-# run on their defaults until the sweep covers them.
+# The families swept by the grid: those of sk_fuse and sk_select. The split kernel is timed against cuDNN
+# (SPLIT_*); the training-mode BatchNorm kernels run on their defaults until the sweep covers them.
 FAMILIES = ("fuse_fwd", "fuse_bwd", "select_fwd", "select_bwd")
+SPLIT_FAMILY = "split_fwd"
 
 
 @dataclass(frozen=True)
@@ -85,7 +91,21 @@ class Problem:
         return self.family.replace("_", " ")
 
 
+@dataclass(frozen=True)
+class SplitGrid:
+    """The split kernel's candidates: accumulator tile x warps, at the default's stages, grid and register
+    budget (under which no variant spills; perf/aot.py checks the written table)."""
+
+    tiles: tuple = (4096, 8192, 16384)
+    warps: tuple = (4, 8)
+    model: str = "sknet50"
+    image_size: int = 224
+    units: int = 99  # distinct SK unit problems timed, in the order the network meets them
+
+
 GPU_GRID = Grid()
+GPU_SPLIT = SplitGrid()
+DRY_SPLIT = SplitGrid(tiles=(2048, 4096), warps=(4,), model="sknet_tiny", image_size=16, units=1)
 GPU_SHAPES = ops.SHAPES
 DRY_GRID = Grid(forward_tiles=(2048, 4096), backward_tiles=(2048,), warps=(4,), programs_per_sm=(4, 16),
                 stages=(2, 3), replays=2)
@@ -255,6 +275,8 @@ def tune(problem_list: list[Problem], grid: Grid, device: torch.device, budget_s
         return time.perf_counter() - started > budget_s
 
     def run_stage(stage: int, todo: list[Problem]):
+        if over_budget():
+            return  # compiling ahead would outlast the budget too
         work = [(p, candidates(p, grid, stage, best.get(p, (None,))[0])) for p in todo]
         compile_ahead(pool, work, f"compile stage {stage}")
         for problem, configs in tqdm(work, desc=f"time stage {stage}", unit="problem"):
@@ -305,12 +327,120 @@ def tune(problem_list: list[Problem], grid: Grid, device: torch.device, budget_s
     return pd.DataFrame(rows), candidates_table
 
 
+# --------------------------------------------------------------------------------------------------------
+# The split kernel against the cuDNN path it replaces.
+
+
+def split_units(grid: SplitGrid, dtype: str, channels_last: bool, batch: int, device: torch.device) -> dict:
+    """The SK units of ``grid.model`` in eval mode (in ``dtype``), one per distinct problem: {(C_in, C, H, W,
+    stride): (unit, the input it received in a forward pass of random images)}, in network order."""
+    import sknet_triton
+    from sknet_triton.layers import SKConv
+
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = sknet_triton.create_model(grid.model, num_classes=10).eval()
+    model = model.to(device, ops.DTYPES[dtype], memory_format=memory_format)
+    units = {}
+
+    def keep_input(unit, args):
+        x = args[0]
+        key = (x.shape[1], unit.out_channels, x.shape[2], x.shape[3], unit.paths[0].conv.stride[0])
+        if key not in units and len(units) < grid.units:
+            units[key] = (unit, x)
+
+    hooks = [m.register_forward_pre_hook(keep_input) for m in model.modules() if isinstance(m, SKConv)]
+    images = torch.randn(batch, 3, grid.image_size, grid.image_size, device=device, dtype=ops.DTYPES[dtype])
+    with torch.no_grad():
+        model(images.to(memory_format=memory_format))
+    for hook in hooks:
+        hook.remove()
+    return units
+
+
+def split_candidates(grid: SplitGrid) -> list:
+    from sknet_triton import launch
+
+    default = launch.default_config(SPLIT_FAMILY, ops.BRANCHES)
+    return [launch.Config(t, w, default.num_stages, default.programs_per_sm, default.maxnreg)
+            for t, w in itertools.product(grid.tiles, grid.warps)]
+
+
+def tune_split(grid: SplitGrid, dtypes, layouts, batch: int, device: torch.device, replays: int,
+               deadline: float) -> tuple[list[dict], list[dict]]:
+    """Time every SK unit's eval forward with the cuDNN path and with the split kernel under each candidate
+    configuration; check the winner's output against the cuDNN path's. Returns the winner rows (status "ok"
+    only where the kernel beat cuDNN and passed the check) and the candidate rows. Stops starting new units
+    after ``deadline`` (a perf_counter value)."""
+    from sknet_triton import launch, set_split_conv
+
+    rows, records = [], []
+    for dtype, layout in itertools.product(dtypes, layouts):
+        channels_last = layout == "channels_last"
+        units = split_units(grid, dtype, channels_last, batch, device)
+        for (C_in, C, H, W, stride), (unit, x) in tqdm(units.items(), desc=f"split {dtype} {layout}", unit="unit"):
+            Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
+            base = {"family": SPLIT_FAMILY, "dtype": dtype, "channels_last": channels_last, "B": batch, "C": C,
+                    "H": Ho, "W": Wo, "layout": layout, "C_in": C_in, "stride": stride}
+            if time.perf_counter() > deadline:
+                rows.append({**base, "status": "not tuned", "reason": "not reached within the budget"})
+                continue
+            count = ops.input_sets_needed(x.numel() * x.element_size() * (1 + ops.BRANCHES), device) \
+                if device.type == "cuda" else 1
+            sets = [x] + [torch.randn_like(x) for _ in range(count - 1)]
+            calls = [lambda x=x: unit(x) for x in sets]
+
+            def time_us(split_conv: str) -> float:
+                set_split_conv(unit, split_conv)
+                with torch.no_grad():
+                    if device.type == "cuda":
+                        return ops.gpu_time_us(calls, replays)
+                    calls[0]()
+                    return _wall_time_us(calls, replays)
+
+            cudnn_us = time_us("cudnn")
+            set_split_conv(unit, "triton")
+            with torch.no_grad():
+                if not unit.split_kernel_applies(x):
+                    raise RuntimeError(f"the split kernel does not apply to {grid.model}'s unit {base}")
+            timed = []
+            for config in split_candidates(grid):
+                with launch.forcing_config(config, SPLIT_FAMILY):
+                    try:
+                        us = time_us("triton")
+                        error = ""
+                    except Exception as failure:  # recorded, not fatal
+                        us, error = float("nan"), ops.describe_error(failure)
+                records.append({**base, "stage": 1, **asdict(config), "µs": us, "error": error})
+                if us == us:
+                    timed.append((us, config))
+            if not timed:
+                rows.append({**base, "cudnn µs": cudnn_us, "status": "failed", "reason": records[-1]["error"]})
+                continue
+            best_us, best = min(timed, key=lambda t: t[0])
+            with torch.no_grad():
+                set_split_conv(unit, "cudnn")
+                expected = unit(x)
+                set_split_conv(unit, "triton")
+                with launch.forcing_config(best, SPLIT_FAMILY):
+                    actual = unit(x)
+            error = relative_error([actual], [expected])
+            tolerance = OP_TOLERANCE[dtype]
+            status, reason = "ok", ""
+            if not error <= tolerance:
+                status, reason = "wrong", f"differs from the cuDNN path by {error:.3g} > {tolerance:g}; not written"
+            elif best_us >= cudnn_us:
+                status, reason = "slower than cuDNN", "not written: split_conv='auto' keeps cuDNN here"
+            rows.append({**base, **asdict(best), "best µs": best_us, "cudnn µs": cudnn_us, "× vs cudnn": cudnn_us / best_us,
+                         "candidates": len(timed), "check err": error, "status": status, "reason": reason})
+    return rows, records
+
+
 def table_json(winners: pd.DataFrame, env: dict, arch: str) -> dict:
     """The tuned table (sknet_triton/tuned/README.md's format) of the checked winners."""
-    config_fields = ("tile_bytes", "num_warps", "num_stages", "programs_per_sm")
+    config_fields = ("tile_bytes", "num_warps", "num_stages", "programs_per_sm", "maxnreg")
     entries = [{"family": r["family"], "dtype": r["dtype"], "channels_last": bool(r["channels_last"]), "M": ops.BRANCHES,
                 "B": int(r["B"]), "C": int(r["C"]), "HW": int(r["H"] * r["W"]),
-                "config": {f: int(r[f]) for f in config_fields}}
+                "config": {f: int(r[f]) for f in config_fields if pd.notna(r.get(f))}}
                for r in winners[winners["status"] == "ok"].to_dict("records")]
     return {"arch": arch, "gpu": env["device"], "torch": env["torch"], "triton": env["triton"],
             "commit": env["commit"], "date": env["date"], "entries": entries}
@@ -324,7 +454,7 @@ def _pool(jobs: int):
 
 
 def main(argv=None) -> int:
-    """Tune, check, write the table; exit 1 if a winner failed its check."""
+    """Tune, check, write the table; exit 1 if a winner failed its check or no split candidate ran."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget-s", type=float, default=270,
                         help="time no new problem after this many seconds (default 270: under 5 minutes in all)")
@@ -334,6 +464,8 @@ def main(argv=None) -> int:
     parser.add_argument("--layouts", default="channels_last,contiguous", help="comma-separated from channels_last,contiguous")
     parser.add_argument("--table", type=Path, help="where to write the tuned table (default sknet_triton/tuned/sm_<cc>.json)")
     parser.add_argument("--out", type=Path, help="also write tune.csv (every candidate) and winners.csv here")
+    parser.add_argument("--split-share", type=float, default=0.3,
+                        help="share of the budget for the split kernel against cuDNN, timed first (0: skip it)")
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny grid and shapes on the CPU through Triton's interpreter; the table goes to a temporary folder")
     args = parser.parse_args(argv)
@@ -343,6 +475,7 @@ def main(argv=None) -> int:
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before sknet_triton is imported
         device, grid, shapes, batch, jobs, arch = torch.device("cpu"), DRY_GRID, DRY_SHAPES, DRY_BATCH, 0, "dry_run"
+        split_grid = DRY_SPLIT
         table_path = args.table or Path(tempfile.mkdtemp(prefix="sknet_tune_")) / "sm_dry_run.json"
     else:
         if not torch.cuda.is_available():
@@ -350,6 +483,7 @@ def main(argv=None) -> int:
         from sknet_triton import launch
 
         device, grid, shapes, batch, jobs = torch.device("cuda"), GPU_GRID, GPU_SHAPES, ops.BATCH, args.jobs
+        split_grid = GPU_SPLIT
         arch = launch.arch_name(device)
         table_path = args.table or launch.TUNED_DIR / f"{arch}.json"
     from sknet_triton import ops as sk_ops
@@ -359,20 +493,28 @@ def main(argv=None) -> int:
 
     env = report.environment(device)
     print(report.stamp_line(env), flush=True)
+    split_budget_s = args.budget_s * args.split_share
+    split_rows, split_records = [], []
+    if split_budget_s > 0:
+        with torch.cuda.stream(torch.cuda.Stream(device)) if device.type == "cuda" else contextlib.nullcontext():
+            split_rows, split_records = tune_split(split_grid, dtypes, layouts, batch, device, grid.replays,
+                                                   time.perf_counter() + split_budget_s)
     problem_list = problems(shapes, dtypes, layouts, batch)
     pool = _pool(jobs)
     try:
-        winners, every = tune(problem_list, grid, device, args.budget_s, pool)
+        winners, every = tune(problem_list, grid, device, args.budget_s - split_budget_s, pool)
     finally:
         if pool is not None:
             pool.shutdown()
+    winners = pd.concat([winners, pd.DataFrame(split_rows)], ignore_index=True)
+    every = pd.concat([every, pd.DataFrame(split_records)], ignore_index=True)
     table_path.parent.mkdir(parents=True, exist_ok=True)
     table_path.write_text(json.dumps(table_json(winners, env, arch), indent=1) + "\n")
     if args.out:
         report.write_tables(args.out, env, {"tune": every, "winners": winners})
     print(report.format_table(winners))
     print(f"Wrote {int((winners['status'] == 'ok').sum())} entries to {table_path}")
-    return 0 if (winners["status"] != "wrong").all() else 1
+    return 0 if not winners["status"].isin(("wrong", "failed")).any() else 1
 
 
 if __name__ == "__main__":

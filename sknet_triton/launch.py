@@ -192,24 +192,25 @@ def tuned_tables() -> dict[str, tuple[TunedEntry, ...]]:
     return {path.stem: tuned_table(path.stem) for path in sorted(TUNED_DIR.glob("sm_*.json"))}
 
 
-# Set by :func:`forcing_config`: the configuration every launch takes, whatever the tables say.
-_forced_config: Optional[Config] = None
+# Set by :func:`forcing_config`: (the family it applies to, None for every family; the configuration).
+_forced: Optional[tuple[Optional[str], Config]] = None
 
 
 @contextlib.contextmanager
-def forcing_config(config: Config) -> Iterator[None]:
-    """Launch everything with ``config`` inside the block (perf/tune.py times its candidates this way).
+def forcing_config(config: Config, family: Optional[str] = None) -> Iterator[None]:
+    """Launch ``family``'s kernels (every family's, by default) with ``config`` inside the block, whatever
+    the tables say (perf/tune.py times its candidates this way).
 
     :func:`plan` is cached, so its cache is emptied on entry and on exit: plans made inside the block
     never leak out of it. Compiled graphs (``torch.compile``) keep the plans they were traced with.
     """
-    global _forced_config
-    previous, _forced_config = _forced_config, config
+    global _forced
+    previous, _forced = _forced, (family, config)
     plan.cache_clear()
     try:
         yield
     finally:
-        _forced_config = previous
+        _forced = previous
         plan.cache_clear()
 
 
@@ -219,8 +220,8 @@ def choose_config(
     """The configuration measured for the nearest problem of the same kind (family, dtype, layout, M), by
     distance in log B, log C, log H*W; the default where the table has none of that kind; the forced one
     inside :func:`forcing_config`."""
-    if _forced_config is not None:
-        return _forced_config
+    if _forced is not None and _forced[0] in (None, family):
+        return _forced[1]
     name = DTYPE_NAMES[dtype]
     kind = [e for e in table if (e.family, e.dtype, e.channels_last, e.M) == (family, name, channels_last, M)]
     if not kind:

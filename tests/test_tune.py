@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -30,6 +31,9 @@ def test_forcing_config_steers_every_launch_and_ends_with_the_block():
     with launch.forcing_config(FORCED):
         assert launch.choose_config((), "select_bwd", torch.bfloat16, False, 3, 1, 1, 1) == FORCED
         forced = select_launch()
+    with launch.forcing_config(FORCED, "split_fwd"):  # one family's: the others keep their own
+        assert launch.choose_config((), "split_fwd", torch.bfloat16, False, 3, 1, 1, 1) == FORCED
+        assert select_launch().options == before.options
     after = select_launch()
     assert forced.options == dict(num_warps=FORCED.num_warps, num_stages=FORCED.num_stages)
     assert forced.constexprs["BLOCK_C"] * forced.constexprs["BLOCK_HW"] == FORCED.tile_bytes // 4
@@ -48,13 +52,35 @@ def test_dry_run_writes_a_table_launch_reads(tmp_path):
     data = json.loads(table.read_text())
     assert {"arch", "gpu", "torch", "triton", "commit", "entries"} <= set(data)
     entries = launch.read_table(table)
-    assert {(e.family, e.channels_last) for e in entries} == {
+    assert {(e.family, e.channels_last) for e in entries if e.family != tune.SPLIT_FAMILY} == {
         (f, cl) for f in tune.FAMILIES for cl in (True, False)}
     winners = pd.read_csv(tmp_path / "winners.csv")
-    assert (winners["status"] == "ok").all() and (winners["check err"] < 1e-4).all()
+    assert (winners["check err"] < 1e-4).all()
+    swept = winners[winners["family"] != tune.SPLIT_FAMILY]
+    assert (swept["status"] == "ok").all()
+    # The split kernel against cuDNN, one SK unit per layout: an entry only where it was faster.
+    split = winners[winners["family"] == tune.SPLIT_FAMILY]
+    assert sorted(split["channels_last"]) == [False, True]
+    assert ((split["best µs"] < split["cudnn µs"]) == (split["status"] == "ok")).all()
+    assert sum(e.family == tune.SPLIT_FAMILY for e in entries) == (split["status"] == "ok").sum()
     candidates = pd.read_csv(tmp_path / "tune.csv")
     assert set(candidates["stage"]) == {1, 2, 3} and candidates["µs"].gt(0).all()
     # Each winner is the fastest candidate measured for its problem.
     for winner in winners.to_dict("records"):
         mine = candidates[(candidates["family"] == winner["family"]) & (candidates["channels_last"] == winner["channels_last"])]
         assert winner["best µs"] == mine["µs"].min()
+
+
+def test_table_keeps_each_configuration_whole(tmp_path):
+    """A register budget is written where a configuration has one (the split kernel's), and only there."""
+    split, fuse = launch.default_config(tune.SPLIT_FAMILY, 2), launch.default_config("fuse_fwd", 2)
+    assert split.maxnreg is not None and fuse.maxnreg is None
+    problem = {"dtype": "bf16", "channels_last": True, "B": 8, "C": 64, "H": 7, "W": 7, "status": "ok"}
+    winners = pd.DataFrame([{**problem, "family": tune.SPLIT_FAMILY, **asdict(split)},
+                            {**problem, "family": "fuse_fwd", **asdict(fuse)},
+                            {**problem, "family": "fuse_bwd", **asdict(fuse), "status": "wrong"}])
+    env = {"device": "test", "torch": "0", "triton": "0", "commit": "0", "date": "0"}
+    table = tmp_path / "sm_test.json"
+    table.write_text(json.dumps(tune.table_json(winners, env, "sm_test")))
+    assert [(e.family, e.config, e.HW) for e in launch.read_table(table)] == [
+        (tune.SPLIT_FAMILY, split, 49), ("fuse_fwd", fuse, 49)]
