@@ -1,4 +1,5 @@
-"""Tune the launch configurations of every kernel family on the GPU at hand; write its tuned table.
+"""Tune the fuse and select kernels' launch configurations on the GPU at hand, time the split kernel against
+cuDNN, and write the GPU's tuned table. (The training-mode BatchNorm kernels keep their defaults.)
 
 For each kernel family (fuse and select, forward and backward), SKNet-50 SK shape, dtype and layout
 (M = 2, B = 128), candidate :class:`sknet_triton.launch.Config` values are forced on the launcher
