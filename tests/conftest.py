@@ -7,8 +7,21 @@ import os
 import pytest
 import torch
 
+from tests import aot_tables
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+AOT_TABLES = []  # in the main process: the tables tests/test_aot.py wrote
+
+
+def pytest_runtest_logreport(report):
+    AOT_TABLES.extend(aot_tables.tables_of(report))
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    if AOT_TABLES and not hasattr(config, "workerinput"):  # once, in the main process, not in test workers
+        terminalreporter.write_line(aot_tables.join(AOT_TABLES))
 
 
 @pytest.fixture(autouse=True)
