@@ -2,7 +2,7 @@
 
 ``python perf/aot.py`` compiles each specialization :func:`sknet_triton.launch.specializations` lists (the
 launcher's own tables: every configuration, tile shape and flag it can choose) with Triton's own compiler
-for sm_80 and sm_90. For each it reads the registers, spills and shared memory of Triton's ptxas run and
+for sm_80 and sm_90 (``--arch`` and ``--family`` choose fewer). For each it reads the registers, spills and shared memory of Triton's ptxas run and
 the widest global load in the PTX, writes that table to ``--out`` (CSV), prints a summary, and exits with
 status 1 if anything spills or a kernel that streams dense tiles loads in narrower vectors than its tile
 allows (16 bytes, or each thread's whole share of a tile where that is less; the split convolution's taps
@@ -15,11 +15,12 @@ import argparse
 import concurrent.futures
 import contextlib
 import csv
+import functools
 import io
 import os
 import re
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -112,18 +113,25 @@ def widest_global_load(ptx: str) -> int:
     return max((int(v or 1) * int(bits) // 8 for v, bits in _GLOBAL_LOAD.findall(ptx)), default=0)
 
 
+@functools.cache
+def all_specializations() -> tuple:
+    """:func:`launch.specializations`, listed once per process (listing them takes longer than a tenth
+    of a compilation)."""
+    from sknet_triton import launch
+
+    return tuple(launch.specializations())
+
+
 def compile_specialization(index: int, arch: int) -> Resources:
-    """Compile specialization ``index`` of :func:`launch.specializations` for sm_<arch>."""
+    """Compile specialization ``index`` of :func:`all_specializations` for sm_<arch>."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from sknet_triton import launch
-
     # Triton's own ptxas run (with Triton's flags) prints its -v report when asked; the cache would skip it.
     triton.knobs.nvidia.dump_ptxas_log = True
     triton.knobs.compilation.always_compile = True
-    spec = list(launch.specializations())[index]
+    spec = all_specializations()[index]
     types, attrs = signature(spec)
     source = ASTSource(fn=spec.kernel, signature=types, constexprs=spec.constexprs, attrs=attrs)
     log = io.StringIO()
@@ -134,20 +142,36 @@ def compile_specialization(index: int, arch: int) -> Resources:
                      widest_global_load(compiled.asm["ptx"]), vector_bytes(spec))
 
 
-def compile_all(archs=DEFAULT_ARCHS, jobs: int = 1, progress=None) -> list[Resources]:
-    """Compile every specialization for every architecture, ``jobs`` processes at a time."""
-    from sknet_triton import launch
+def selected(families=None) -> list[int]:
+    """Indices in :func:`all_specializations` of the kernel families named (all of them by default)."""
+    return [index for index, spec in enumerate(all_specializations()) if families is None or spec.family in families]
 
-    count = len(list(launch.specializations()))
-    work = [(index, arch) for arch in archs for index in range(count)]
-    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(compile_specialization, index, arch) for index, arch in work]
+
+def compile_all(archs=DEFAULT_ARCHS, families=None, jobs: int = 1, progress=None) -> list[Resources]:
+    """Compile every specialization of ``families`` (all by default) for every architecture, ``jobs``
+    processes at a time (one: in this process, with no pool to start)."""
+    work = [(index, arch) for arch in archs for index in selected(families)]
+    with contextlib.ExitStack() as stack:
+        apply = stack.enter_context(concurrent.futures.ProcessPoolExecutor(max_workers=jobs)).map if jobs > 1 else map
         results = []
-        for future in futures:
-            results.append(future.result())
+        for result in apply(compile_specialization, *zip(*work)):
+            results.append(result)
             if progress is not None:
                 progress.update()
     return results
+
+
+def write_table(results: list[Resources], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[field.name for field in fields(Resources)])
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in results)
+
+
+def read_table(path: Path) -> list[Resources]:
+    with Path(path).open(newline="") as f:
+        return [Resources(row.pop("kernel"), **{key: int(value) for key, value in row.items()}) for row in csv.DictReader(f)]
 
 
 def problems(results: list[Resources]) -> list[str]:
@@ -162,9 +186,18 @@ def problems(results: list[Resources]) -> list[str]:
     return lines
 
 
+def summary(results: list[Resources]) -> str:
+    """One line: how many compilations for which architectures, the most registers, how many failed."""
+    archs = ", ".join(f"sm_{arch}" for arch in sorted({r.arch for r in results}))
+    return (f"{len(results)} compilations for {archs}: max {max(r.registers for r in results)} registers, "
+            f"{sum(r.spills for r in results)} with spills, "
+            f"{sum(r.widest_load_bytes < r.vector_bytes for r in results)} with loads narrower than their tile allows")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS), help="compute capabilities")
+    parser.add_argument("--family", nargs="+", help="only these kernel families (default: all)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="parallel compiler processes")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the CSV table (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)
@@ -177,21 +210,16 @@ def main(argv=None) -> int:
     if launch.INTERPRETED:
         parser.error("the kernels are interpreted here (TRITON_INTERPRET is set); run without it")
     assert isinstance(launch.FAMILIES["fuse_fwd"].kernel, triton.runtime.JITFunction)
-    total = len(list(launch.specializations())) * len(args.arch)
+    unknown = set(args.family or ()) - set(launch.FAMILIES)
+    if unknown:
+        parser.error(f"no kernel family {', '.join(sorted(unknown))} (families: {', '.join(launch.FAMILIES)})")
+    total = len(selected(args.family)) * len(args.arch)
     with tqdm(total=total, desc="compiling", file=sys.stderr, mininterval=15) as bar:
-        results = compile_all(args.arch, args.jobs, bar)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(results[0])))
-        writer.writeheader()
-        writer.writerows(asdict(r) for r in results)
+        results = compile_all(args.arch, args.family, args.jobs, bar)
+    write_table(results, args.out)
     found = problems(results)
     print("\n".join(found[:50]))
-    spilled = sum(r.spills for r in results)
-    print(f"{len(results)} compilations for sm_{', sm_'.join(map(str, args.arch))}: "
-          f"max {max(r.registers for r in results)} registers, {spilled} with spills, "
-          f"{sum(r.widest_load_bytes < r.vector_bytes for r in results)} with loads narrower than their tile allows; "
-          f"table in {args.out}")
+    print(f"{summary(results)}; table in {args.out}")
     return 1 if found else 0
 
 
