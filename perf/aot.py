@@ -2,8 +2,9 @@
 
 ``python perf/aot.py`` compiles each specialization :func:`sknet_triton.launch.specializations` lists (the
 launcher's own tables: every configuration, tile shape and flag it can choose) with Triton's own compiler
-for sm_80 and sm_90 (``--arch`` and ``--family`` choose fewer). For each it reads the registers, spills and shared memory of Triton's ptxas run and
-the widest global load in the PTX, writes that table to ``--out`` (CSV), prints a summary, and exits with
+for sm_80 and sm_90 (``--arch``, ``--family`` and ``--sample`` choose fewer; the test suite compiles the
+sample, CI the whole sweep). For each it reads the registers, spills and shared memory of Triton's ptxas
+run and the widest global load in the PTX, writes that table to ``--out`` (CSV), prints a summary, and exits with
 status 1 if anything spills or a kernel that streams dense tiles loads in narrower vectors than its tile
 allows (16 bytes, or each thread's whole share of a tile where that is less; the split convolution's taps
 start at offsets no alignment analysis can prove, so it is held to no width). It needs the real
@@ -113,6 +114,13 @@ def widest_global_load(ptx: str) -> int:
     return max((int(v or 1) * int(bits) // 8 for v, bits in _GLOBAL_LOAD.findall(ptx)), default=0)
 
 
+def in_sample(spec) -> bool:
+    """Whether a specialization is in the test suite's sample (tests/test_aot.py): SKNet's M = 2 in bfloat16,
+    the models' training dtype, in every family, configuration, tile shape and flag (the split kernel, whose
+    M is no constexpr: bfloat16). The other dtypes and M compile in the full sweep, which CI runs too."""
+    return spec.args[0].dtype == torch.bfloat16 and spec.constexprs.get("M", 2) == 2
+
+
 @functools.cache
 def all_specializations() -> tuple:
     """:func:`launch.specializations`, listed once per process (listing them takes longer than a tenth
@@ -142,15 +150,17 @@ def compile_specialization(index: int, arch: int) -> Resources:
                      widest_global_load(compiled.asm["ptx"]), vector_bytes(spec))
 
 
-def selected(families=None) -> list[int]:
-    """Indices in :func:`all_specializations` of the kernel families named (all of them by default)."""
-    return [index for index, spec in enumerate(all_specializations()) if families is None or spec.family in families]
+def selected(families=None, sample: bool = False) -> list[int]:
+    """Indices in :func:`all_specializations` of the kernel families named (all of them by default), only
+    those :func:`in_sample` with ``sample``."""
+    return [index for index, spec in enumerate(all_specializations())
+            if (families is None or spec.family in families) and (not sample or in_sample(spec))]
 
 
-def compile_all(archs=DEFAULT_ARCHS, families=None, jobs: int = 1, progress=None) -> list[Resources]:
-    """Compile every specialization of ``families`` (all by default) for every architecture, ``jobs``
-    processes at a time (one: in this process, with no pool to start)."""
-    work = [(index, arch) for arch in archs for index in selected(families)]
+def compile_all(archs=DEFAULT_ARCHS, families=None, jobs: int = 1, progress=None, sample: bool = False) -> list[Resources]:
+    """Compile every specialization of ``families`` (all by default; with ``sample``, those :func:`in_sample`)
+    for every architecture, ``jobs`` processes at a time (one: in this process, with no pool to start)."""
+    work = [(index, arch) for arch in archs for index in selected(families, sample)]
     with contextlib.ExitStack() as stack:
         apply = stack.enter_context(concurrent.futures.ProcessPoolExecutor(max_workers=jobs)).map if jobs > 1 else map
         results = []
@@ -198,6 +208,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS), help="compute capabilities")
     parser.add_argument("--family", nargs="+", help="only these kernel families (default: all)")
+    parser.add_argument("--sample", action="store_true",
+                        help="only the test suite's sample: M = 2 in bfloat16 (default: every specialization)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="parallel compiler processes")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"the CSV table (default {DEFAULT_OUT})")
     args = parser.parse_args(argv)
@@ -213,9 +225,9 @@ def main(argv=None) -> int:
     unknown = set(args.family or ()) - set(launch.FAMILIES)
     if unknown:
         parser.error(f"no kernel family {', '.join(sorted(unknown))} (families: {', '.join(launch.FAMILIES)})")
-    total = len(selected(args.family)) * len(args.arch)
+    total = len(selected(args.family, args.sample)) * len(args.arch)
     with tqdm(total=total, desc="compiling", file=sys.stderr, mininterval=15) as bar:
-        results = compile_all(args.arch, args.family, args.jobs, bar)
+        results = compile_all(args.arch, args.family, args.jobs, bar, args.sample)
     write_table(results, args.out)
     found = problems(results)
     print("\n".join(found[:50]))

@@ -6,9 +6,10 @@
 #
 #     OUT=/some/dir bash perf/gpu_check.sh
 #
-#   install; the kernels' tests on CUDA (fuse, select, training-mode BatchNorm, split); tuning (perf/tune.py, bf16 channels_last: the split kernel against cuDNN,
-#   then the fuse and select sweep; writes sknet_triton/tuned/sm_<cc>.json, which the later steps use);
-#   the op table (perf/ops.py --quick); perf/run.py --quick; if time is left, the CUDA-graph test for
+#   install; the kernels' tests on CUDA (fuse, select, training-mode BatchNorm, split; pytest-xdist's
+#   workers, as pyproject.toml sets); tuning (perf/tune.py, bf16 channels_last: the split kernel against
+#   cuDNN, then the fuse and select sweep; writes sknet_triton/tuned/sm_<cc>.json, which the later steps
+#   use); the op table (perf/ops.py --quick); perf/run.py --quick; if time is left, the CUDA-graph test for
 #   sknet_tiny and sknet50, and the kernel profile.
 #
 # Scripts that write as they go (tuning's candidates, the op table, run.py, the profile) leave what they
@@ -44,19 +45,15 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND with a time limit, log to 
     tar -czf "$OUT/results.tar.gz" -C "$(dirname "$WORK")" gpu_check
 }
 
-# pytest-xdist spreads the tests' kernel compilations over the CPU cores, where it is installed.
-parallel=()
-"$PYTHON" -c "import xdist" 2>/dev/null && parallel=(-n 8)
-
 step environment 15 bash -c "nvidia-smi; $PYTHON -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.version.cuda, torch.cuda.get_device_name())'"
 step install 40 "$PYTHON" -m pip install --no-deps --no-build-isolation -e .
-step tests 100 "$PYTHON" -m pytest -q -rf "${parallel[@]}" --durations=10 tests/test_ops.py tests/test_ops_compile.py \
+step tests 100 "$PYTHON" -m pytest -q -rf --durations=10 tests/test_ops.py tests/test_ops_compile.py \
     tests/test_ops_validation.py tests/test_launch.py tests/test_bn_train.py tests/test_split.py tests/test_compiled_path.py
 step tune 120 "$PYTHON" perf/tune.py --budget-s 75 --dtypes bf16 --layouts channels_last --out "$WORK/tune"
 cp sknet_triton/tuned/sm_*.json "$OUT/" 2>/dev/null
 step ops 80 "$PYTHON" perf/ops.py --quick --budget-s 45 --out "$WORK/ops"
 step perf 190 "$PYTHON" perf/run.py --quick --no-ops --out "$WORK/results"
-step cuda_graphs 80 "$PYTHON" -m pytest -q -rf "${parallel[@]}" tests/test_cuda_graphs.py -k "sknet_tiny or sknet50"
+step cuda_graphs 80 "$PYTHON" -m pytest -q -rf tests/test_cuda_graphs.py -k "sknet_tiny or sknet50"
 step profile 120 "$PYTHON" perf/kernel_profile.py --out "$WORK/profile"
 echo "== total $SECONDS s; $OUT holds steps.txt, summary.txt, the tuned table and results.tar.gz"
 exit $failed
