@@ -66,20 +66,20 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
 
 
 def test_learns_the_synthetic_scales(tmp_path):
-    # About 97 % after 5 epochs of 2048 images (above 96 % for seeds 0 to 2); a loader worker makes the
-    # images on the second core while the first trains.
+    # 3 epochs of 1024 images: 95.7, 91.4 and 86.7 % for seeds 0, 1 and 2 (chance: 12.5 %); a loader worker
+    # makes the images on another core while one trains.
     output = tmp_path / "run"
     result = run_trainer(
-        *TINY, "--synthetic-size", "2048", "--epochs", "5", "--batch-size", "32", "--lr", "0.1",
+        *TINY, "--synthetic-size", "1024", "--epochs", "3", "--batch-size", "32", "--lr", "0.1",
         "--warmup-epochs", "1", "--workers", "1", "--output", str(output),
     )
     assert result.returncode == 0, result.stderr
     log = read_log(output)
     curve = [round(float(row["val_top1"]), 1) for row in log]
     print("val top-1 per epoch:", curve)
-    assert [int(row["epoch"]) for row in log] == [1, 2, 3, 4, 5]
-    assert curve[-1] > 90.0
-    assert "epoch 5/5" in result.stdout and "val top-1" in result.stdout
+    assert [int(row["epoch"]) for row in log] == [1, 2, 3]
+    assert curve[-1] > 80.0
+    assert "epoch 3/3" in result.stdout and "val top-1" in result.stdout
 
 
 def test_two_processes_hold_identical_weights(tmp_path):
