@@ -94,11 +94,11 @@ class Problem:
 
 @dataclass(frozen=True)
 class SplitGrid:
-    """The split kernel's candidates: accumulator tile x warps, at the default's stages, grid and register
-    budget (under which no variant spills; perf/aot.py checks the written table)."""
+    """The split kernel's candidates: (accumulator tile bytes, warps) pairs, at the default's stages, grid and
+    register budget. The GPU's are those under which no variant spills on sm_80 or sm_90 (perf/aot.py
+    --sample on a table of candidates: 8 KB with 4 warps and 16 KB with 4 or 8 spill 60-1172 bytes)."""
 
-    tiles: tuple = (4096, 8192, 16384)
-    warps: tuple = (4, 8)
+    tiles_and_warps: tuple = ((4096, 4), (4096, 8), (8192, 8))
     model: str = "sknet50"
     image_size: int = 224
     units: int = 99  # distinct SK unit problems timed, in the order the network meets them
@@ -106,7 +106,7 @@ class SplitGrid:
 
 GPU_GRID = Grid()
 GPU_SPLIT = SplitGrid()
-DRY_SPLIT = SplitGrid(tiles=(2048, 4096), warps=(4,), model="sknet_tiny", image_size=16, units=1)
+DRY_SPLIT = SplitGrid(tiles_and_warps=((2048, 4), (4096, 4)), model="sknet_tiny", image_size=16, units=1)
 GPU_SHAPES = ops.SHAPES
 DRY_GRID = Grid(forward_tiles=(2048, 4096), backward_tiles=(2048,), warps=(4,), programs_per_sm=(4, 16),
                 stages=(2, 3), replays=2)
@@ -363,7 +363,7 @@ def split_candidates(grid: SplitGrid) -> list:
 
     default = launch.default_config(SPLIT_FAMILY, ops.BRANCHES)
     return [launch.Config(t, w, default.num_stages, default.programs_per_sm, default.maxnreg)
-            for t, w in itertools.product(grid.tiles, grid.warps)]
+            for t, w in grid.tiles_and_warps]
 
 
 def tune_split(grid: SplitGrid, dtypes, layouts, batch: int, device: torch.device, replays: int,
