@@ -56,6 +56,10 @@ class Resources:
     def spills(self) -> bool:
         return self.spill_stores > 0 or self.spill_loads > 0
 
+    @property
+    def narrow_loads(self) -> bool:
+        return self.widest_load_bytes < self.vector_bytes
+
 
 def vector_bytes(spec) -> int:
     """The widest load a specialization's tile allows: each thread's contiguous share of one streamed
@@ -172,6 +176,7 @@ def compile_all(archs=DEFAULT_ARCHS, families=None, jobs: int = 1, progress=None
 
 
 def write_table(results: list[Resources], path: Path) -> None:
+    """Write ``results`` as CSV, one row per compilation, to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[field.name for field in fields(Resources)])
@@ -180,6 +185,7 @@ def write_table(results: list[Resources], path: Path) -> None:
 
 
 def read_table(path: Path) -> list[Resources]:
+    """The results a :func:`write_table` file holds."""
     with Path(path).open(newline="") as f:
         return [Resources(row.pop("kernel"), **{key: int(value) for key, value in row.items()}) for row in csv.DictReader(f)]
 
@@ -190,7 +196,7 @@ def problems(results: list[Resources]) -> list[str]:
     for r in results:
         if r.spills:
             lines.append(f"sm_{r.arch} {r.kernel}: spills {r.spill_stores} B stored, {r.spill_loads} B loaded")
-        if r.widest_load_bytes < r.vector_bytes:
+        if r.narrow_loads:
             lines.append(f"sm_{r.arch} {r.kernel}: widest global load {r.widest_load_bytes} B, "
                          f"its tile allows {r.vector_bytes} B")
     return lines
@@ -201,7 +207,7 @@ def summary(results: list[Resources]) -> str:
     archs = ", ".join(f"sm_{arch}" for arch in sorted({r.arch for r in results}))
     return (f"{len(results)} compilations for {archs}: max {max(r.registers for r in results)} registers, "
             f"{sum(r.spills for r in results)} with spills, "
-            f"{sum(r.widest_load_bytes < r.vector_bytes for r in results)} with loads narrower than their tile allows")
+            f"{sum(r.narrow_loads for r in results)} with loads narrower than their tile allows")
 
 
 def main(argv=None) -> int:

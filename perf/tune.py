@@ -207,10 +207,19 @@ def compile_ahead(pool, work: list[tuple[Problem, list]], desc: str) -> None:
 # Timing and checking.
 
 
-def _wall_time_us(calls: list, repeats: int) -> float:
-    """The CPU stand-in for GPU time in a dry run: median wall time of a call."""
+def _input_set_count(min_bytes: int, device: torch.device) -> int:
+    """Input sets to cycle through: enough to overflow the L2 cache on a GPU; one on the CPU."""
+    return ops.input_sets_needed(min_bytes, device) if device.type == "cuda" else 1
+
+
+def _time_us(calls: list, device: torch.device, replays: int) -> float:
+    """GPU µs of one call (CUDA-graph replay, perf/ops.py's); on the CPU, its stand-in in a dry run: the
+    median wall time of a call after a first, slower one."""
+    if device.type == "cuda":
+        return ops.gpu_time_us(calls, replays)
+    calls[0]()
     times = []
-    for index in range(repeats):
+    for index in range(replays):
         start = time.perf_counter()
         calls[index % len(calls)]()
         times.append(time.perf_counter() - start)
@@ -228,7 +237,7 @@ class Timer:
         """The problem's input sets (enough to overflow the L2 cache on a GPU; one on the CPU)."""
         if problem not in self.inputs:
             self.inputs.clear()  # one problem at a time in memory
-            count = ops.input_sets_needed(_min_bytes(problem), self.device) if self.device.type == "cuda" else 1
+            count = _input_set_count(_min_bytes(problem), self.device)
             self.inputs[problem] = [_inputs(problem, self.device, seed) for seed in range(count)]
         return self.inputs[problem]
 
@@ -238,10 +247,7 @@ class Timer:
 
         calls = [_launcher_call(problem, inputs) for inputs in self.sets(problem)]
         with launch.forcing_config(config):
-            if self.device.type == "cuda":
-                return ops.gpu_time_us(calls, self.grid.replays)
-            calls[0]()  # the interpreter's first call is slower
-            return _wall_time_us(calls, self.grid.replays)
+            return _time_us(calls, self.device, self.grid.replays)
 
 
 def verify(problem: Problem, config, device: torch.device) -> float:
@@ -385,18 +391,14 @@ def tune_split(grid: SplitGrid, dtypes, layouts, batch: int, device: torch.devic
             if time.perf_counter() > deadline:
                 rows.append({**base, "status": "not tuned", "reason": "not reached within the budget"})
                 continue
-            count = ops.input_sets_needed(x.numel() * x.element_size() * (1 + ops.BRANCHES), device) \
-                if device.type == "cuda" else 1
+            count = _input_set_count(x.numel() * x.element_size() * (1 + ops.BRANCHES), device)
             sets = [x] + [torch.randn_like(x) for _ in range(count - 1)]
             calls = [lambda x=x: unit(x) for x in sets]
 
             def time_us(split_conv: str) -> float:
                 set_split_conv(unit, split_conv)
                 with torch.no_grad():
-                    if device.type == "cuda":
-                        return ops.gpu_time_us(calls, replays)
-                    calls[0]()
-                    return _wall_time_us(calls, replays)
+                    return _time_us(calls, device, replays)
 
             cudnn_us = time_us("cudnn")
             set_split_conv(unit, "triton")
