@@ -4,6 +4,11 @@ Every figure in the section is read from the folder's CSV files; nothing is type
 lies between the markers ``<!-- perf section -->`` and ``<!-- /perf section -->``; the rest of README.md
 is left as it is.
 
+A folder assembled from an earlier run's printed record (perf/results/h200-2026-11-28) has the same files
+less those the record lacked, and meta.json says more: ``command`` (the perf/run.py command line that made
+models.csv), ``provenance`` (how the figures reached the folder), ``caveats`` (what a reader must know first;
+the first is shown in bold) and ``training`` (the setting of training.csv, a training step timed apart).
+
     python perf/readme.py                      # the newest GPU results under perf/results (else the newest CPU ones)
     python perf/readme.py perf/results/DIR     # a given folder
     python perf/readme.py --check              # exit 1 if README.md is not what the results give
@@ -30,6 +35,8 @@ BEGIN, END = "<!-- perf section -->", "<!-- /perf section -->"
 MODEL_COLUMNS = ["row", "mode", "batch", "images/s", "ms median", "peak GiB", "compile s"]
 OP_COLUMNS = ["op", "C×H×W", "sknet_triton µs", "sknet_triton GB/s", "sknet_triton % copy BW", "eager % copy BW",
               "compiled % copy BW", "× vs eager", "× vs compiled"]
+TRAINING_COLUMNS = ["row", "batch", "images/s", "peak GiB", "ms min", "ms max", "note"]
+MODE_NAMES = {"inference": "inference", "train": "training step: forward, backward, SGD"}
 BYTES_COLUMNS = ["stage", "SK output C×H×W", "units", "eager MB", "fused MB", "eager / fused",
                  "eager ms at copy BW", "fused ms at copy BW"]
 
@@ -96,21 +103,29 @@ def _gpu_figures(folder: Path, meta: dict, source: str) -> list[str]:
     env, config = meta["environment"], meta["config"]
     models = pd.read_csv(folder / "models.csv")
     peers = [c for c in models.columns if c.startswith("× ")]
-    setting = (f"{config['dtype']}{' autocast' if config['dtype'] == 'bf16' else ''}, {config['layout']}, "
-               f"{config['image size']}×{config['image size']}, batch {config['batch inference']} (inference) and "
-               f"{config['batch train']} (training step: forward, backward, SGD)")
+    command = meta.get("command", f"python perf/run.py{' --quick' if config.get('quick') else ''}")
     checked = ("Every row was checked against timm's eager output on the same weights and input before timing"
                if env["timm"] != "not installed" else "timm was not installed, so nothing was checked")
-    lines = [
-        f"Measured by `python perf/run.py{' --quick' if config.get('quick') else ''}` on **{env['device']}**, "
-        f"{setting}; torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, timm {env['timm']}; commit "
-        f"`{env['commit']}`, {env['date']}. {checked}; × columns divide a row's images/s by the peer row's, "
-        f"measured in the same run. Full results: [{source}/report.md]({source}/report.md).", "",
-        report.markdown_table(_present(models[models["status"] == "ok"], MODEL_COLUMNS + peers)), "",
+    # A folder assembled from an earlier run's record says first what a reader must know before its figures:
+    # the first caveat in bold, the others as a list.
+    caveats = meta.get("caveats", [])
+    lines = ([f"**{caveats[0]}**", ""] + [f"- {caveat}" for caveat in caveats[1:]] + [""]) if caveats else []
+    lines += [
+        f"Measured by `{command}` on **{env['device']}**, {_setting(config, models)}; torch {env['torch']}, "
+        f"triton {env['triton']}, CUDA {env['cuda']}, timm {env['timm']}; commit `{env['commit']}`, {env['date']}. "
+        f"{checked}; × columns divide a row's images/s by the peer row's, measured in the same run. "
+        + (f"{meta['provenance']} " if "provenance" in meta else "")
+        + f"Full results: [{source}/report.md]({source}/report.md).", "",
+        report.markdown_table(_present(models[models["status"] == "ok"], MODEL_COLUMNS + peers)),
     ]
-    lines += [f"- {row['row']}, {row['mode']}: {row['status']} ({row['reason']})"
-              for _, row in models[models["status"] != "ok"].iterrows()]
-    lines += [f"- {note}" for note in meta["notes"] if note.startswith("The machine was busy")]
+    remarks = [f"- {row['row']}, {row['mode']}: {row['status']} ({row['reason']})"
+               for _, row in models[models["status"] != "ok"].iterrows()]
+    remarks += [f"- {note}" for note in meta["notes"] if note.startswith("The machine was busy")]
+    lines += ([""] + remarks) if remarks else []
+    if (folder / "training.csv").is_file():
+        training = pd.read_csv(folder / "training.csv")
+        lines += ["", f"Training step ({meta['training']}):", "",
+                  report.markdown_table(_present(training, TRAINING_COLUMNS))]
     ops = pd.read_csv(folder / "ops.csv")
     if "sknet_triton µs" in ops.columns:
         first = ops[(ops["dtype"] == ops["dtype"].iloc[0]) & (ops["layout"] == ops["layout"].iloc[0])]
@@ -123,16 +138,26 @@ def _gpu_figures(folder: Path, meta: dict, source: str) -> list[str]:
             "reference and torch.compile of it.", "",
             report.markdown_table(_present(first, OP_COLUMNS)),
         ]
-    bytes_table = pd.read_csv(folder / "bytes_model.csv")
-    lines += [
-        "",
-        f"Bytes model (SK units of SKNet-50, forward, batch {config['batch inference']}, {config['dtype']}, "
-        f"{config['image size']}×{config['image size']}; convolutions excluded): eager timm moves "
-        f"{_size(bytes_table['eager MB'].iloc[-1])}, the fused ops {_size(bytes_table['fused MB'].iloc[-1])}.", "",
-        report.markdown_table(_present(bytes_table, BYTES_COLUMNS)), "",
-        f"![Performance chart]({source}/chart.png)",
-    ]
+    if (folder / "bytes_model.csv").is_file():
+        bytes_table = pd.read_csv(folder / "bytes_model.csv")
+        lines += [
+            "",
+            f"Bytes model (SK units of SKNet-50, forward, batch {config['batch inference']}, {config['dtype']}, "
+            f"{config['image size']}×{config['image size']}; convolutions excluded): eager timm moves "
+            f"{_size(bytes_table['eager MB'].iloc[-1])}, the fused ops {_size(bytes_table['fused MB'].iloc[-1])}.", "",
+            report.markdown_table(_present(bytes_table, BYTES_COLUMNS)),
+        ]
+    if (folder / "chart.png").is_file():
+        lines += ["", f"![Performance chart]({source}/chart.png)"]
     return lines
+
+
+def _setting(config: dict, models: pd.DataFrame) -> str:
+    """dtype, layout, image size and the batch of each mode the models table holds."""
+    batches = models.groupby("mode", sort=False)["batch"].first()
+    modes = " and ".join(f"{int(batch)} ({MODE_NAMES[mode]})" for mode, batch in batches.items())
+    return (f"{config['dtype']}{' autocast' if config['dtype'] == 'bf16' else ''}, {config['layout']}, "
+            f"{config['image size']}×{config['image size']}, batch {modes}")
 
 
 def updated_readme(text: str, new_section: str) -> str:

@@ -245,6 +245,30 @@ def test_readme_section_with_gpu_results(tiny_run, tmp_path):
     assert f"({gpu.as_posix()}/chart.png)" in section
 
 
+def test_readme_section_from_the_h200_record():
+    """The committed H200 record (no bytes model, a training table timed apart) renders, caveat first."""
+    folder = REPO / "perf" / "results" / "h200-2026-11-28"
+    meta = json.loads((folder / "meta.json").read_text())
+    section = readme.section(folder)
+    body = section.split("\n", 3)[3]  # past the markers' lines
+    assert body.startswith(f"**{meta['caveats'][0]}**") and "9ae7331" in meta["caveats"][0]
+    assert "on **NVIDIA H200**" in section and "commit `9ae7331`, 2026-11-28" in section
+    assert f"`{meta['command']}`" in section and meta["provenance"] in section
+    for name in ("models.csv", "training.csv"):
+        for _, row in pd.read_csv(folder / name).iterrows():
+            assert f"| {row['row']} | " in section and f" | {report.format_number(row['images/s'])} | " in section
+    first_op = pd.read_csv(folder / "ops.csv").iloc[0]
+    assert f"| {first_op['op']} | {first_op['C×H×W']} | {report.format_number(first_op['sknet_triton µs'])} |" in section
+    assert not (folder / "bytes_model.csv").exists() and "Bytes model" not in section
+    assert f"![Performance chart]({folder.relative_to(REPO).as_posix()}/chart.png)" in section
+
+
+def test_readme_performance_section_is_generated_from_the_newest_results():
+    text = readme.README.read_text()
+    assert readme.updated_readme(text, readme.section(readme.newest_results())) == text, \
+        "run python perf/readme.py"
+
+
 def test_readme_prefers_gpu_results(tmp_path):
     for name, device_type, date in (("cpu-new", "cpu", "2030-01-02"), ("gpu-old", "cuda", "2030-01-01")):
         (tmp_path / name).mkdir()
