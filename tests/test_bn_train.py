@@ -21,7 +21,7 @@ from torch import nn
 from sknet_triton import SKConv, create_model, launch, ops, reference, set_backend
 from sknet_triton.layers import UnitPath, unit_path
 from tests.helpers import DEVICE, requires_kernels
-from tests.model_helpers import assert_close_relative, assert_grads_as_accurate_as, randomize_batchnorm
+from tests.model_helpers import TRAINING_BATCH, assert_close_relative, assert_grads_as_accurate_as, randomize_batchnorm
 from tests.ops_inputs import as_float64, assert_close, make_branches, poisoned_allocations
 
 pytestmark = requires_kernels
@@ -224,12 +224,6 @@ def sk_unit(M=2, norm_layer=nn.BatchNorm2d):
     return unit, set_backend(copy.deepcopy(unit), "torch").double()
 
 
-# Batches whose gradients are judged: the attention's training-mode BatchNorm normalises [B, d, 1, 1], which
-# over two images is +-1 whatever its input, so the gradient reaching fc_reduce is eps's residue, a cancellation
-# no relative bound judges; from four images on it is as well conditioned as the others.
-TRAINING_BATCH = 4
-
-
 def assert_training_step_matches(unit, x, forward=None):
     """One forward and backward of ``forward`` (default ``unit``; ``unit``'s parameters) against the float64
     "torch"-backend copy of ``unit``: the output, then the gradients judged by plain float32 PyTorch's
@@ -339,7 +333,8 @@ def test_model_trains_through_the_kernels(fused_calls):
     model = randomize_batchnorm(create_model("sknet_tiny", num_classes=10)).to(DEVICE).train()
     baseline = set_backend(copy.deepcopy(model), "torch")
     exact = copy.deepcopy(baseline).double()
-    x, target = torch.randn(2, 3, 32, 32, device=DEVICE), torch.randint(0, 10, (2,), device=DEVICE)
+    x = torch.randn(TRAINING_BATCH, 3, 32, 32, device=DEVICE)
+    target = torch.randint(0, 10, (TRAINING_BATCH,), device=DEVICE)
     grads = {}
     for m, inputs in ((model, x), (baseline, x), (exact, x.double())):
         loss = F.cross_entropy(m(inputs), target)
