@@ -363,7 +363,12 @@ class SKConv(nn.Module):
                 return False
         return True
 
-    def _split_kernel_applies(self, x: Tensor) -> bool:
+    def split_kernel_applies(self, x: Tensor) -> bool:
+        """Whether this call, on ``x`` [B, C_in, H, W] in the current mode, runs the split kernel
+        (``sknet_triton.sk_split``): :func:`unit_path` asked."""
+        return unit_path(self, x) is UnitPath.SPLIT_KERNEL
+
+    def _split_kernel_fits(self, x: Tensor) -> bool:
         """Whether the split kernel (``sknet_triton.sk_split``) can replace this call's paths, on the kernels'
         device: eval mode with foldable BatchNorm, the split kernel's geometry
         (:func:`sknet_triton.ops.split_geometry_problem`) with plain zero-padded convolutions, no gradient
@@ -464,7 +469,7 @@ def unit_path(unit: SKConv, x: Tensor) -> UnitPath:
             refuse_jit_trace(x)
             return UnitPath.PLAIN_TORCH
         if uses_triton(x.device):
-            if unit._split_kernel_applies(x):
+            if unit._split_kernel_fits(x):
                 return UnitPath.SPLIT_KERNEL
             if unit._normalises_with_batch_statistics():
                 return UnitPath.BATCH_STATISTICS

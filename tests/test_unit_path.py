@@ -39,7 +39,9 @@ def test_each_mode_takes_its_path():
     assert unit_path(unit.eval(), x) is UnitPath.OPS  # BatchNorm's parameters want gradients: not folded
     with torch.no_grad():
         assert unit_path(set_split_conv(unit, "triton"), x) is UnitPath.SPLIT_KERNEL
+        assert unit.split_kernel_applies(x)
         assert unit_path(set_split_conv(unit, "cudnn"), x) is UnitPath.FOLDED_BATCHNORM
+        assert not unit.split_kernel_applies(x)
         assert unit_path(set_split_conv(unit, "auto"), x) is UnitPath.FOLDED_BATCHNORM  # no tuned table here
         assert unit_path(set_backend(copy.deepcopy(unit), "torch"), x) is UnitPath.PLAIN_TORCH
         # Not the split kernel's geometry: the layer asks the op's own check.
