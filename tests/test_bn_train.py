@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sknet_triton import SKConv, create_model, launch, ops, reference, set_backend
+from sknet_triton import SKConv, create_model, device, launch, ops, reference, set_backend
 from sknet_triton.layers import UnitPath, unit_path
 from tests.helpers import DEVICE, requires_kernels
 from tests.model_helpers import TRAINING_BATCH, assert_close_relative, assert_grads_as_accurate_as, randomize_batchnorm
@@ -181,6 +181,28 @@ def test_many_splits(min_programs, monkeypatch):
     branches = make_branches(shape, M, torch.float32, channels_last=False, stacked=False)
     weight, bias = make_affine(M, shape[1], affine=True)
     run_and_check(branches, LinearAttention(shape[0], M, shape[1]), weight, bias, torch.float32, monkeypatch)
+
+
+@pytest.mark.parametrize("path", ["kernels", "reference"])
+@pytest.mark.parametrize("stacked", [False, True], ids=["list", "stacked"])
+def test_empty_batch(path, stacked, monkeypatch):
+    if path == "reference":
+        monkeypatch.setattr(device, "INTERPRETED", False)
+    where = DEVICE if path == "kernels" else torch.device("cpu")
+    M, C = 3, 6
+    branches = make_branches((0, C, 3, 4), M, torch.float32, True, stacked)
+    weight, bias = (t.detach().to(where).requires_grad_() for t in make_affine(M, C, affine=True))
+    branches = branches.to(where) if stacked else [u.to(where) for u in branches]
+    attention = torch.randn(C, M * C, device=where, requires_grad=True)
+    s, state = ops.sk_fuse_bn(branches, weight, bias)
+    logits = (s @ attention).view(0, M, C)
+    out = ops.sk_select_bn(state, logits)
+    assert s.shape == (0, C) and out.shape == (0, C, 3, 4) and out.dtype == torch.float32
+    assert state.mean.shape == state.var.shape == (M, C) and state.mean.isnan().all(), "no values, no mean"
+    leaves = ([branches] if stacked else branches) + [weight, bias, attention]
+    grads = torch.autograd.grad(out.sum() + logits.sum(), leaves)
+    assert [g.shape for g in grads] == [t.shape for t in leaves]
+    assert all(not g.any() for g in grads[-3:]), "no images, no gradient of the parameters"
 
 
 def test_one_value_per_channel_is_refused_as_batchnorm_refuses_it():
