@@ -408,8 +408,8 @@ def sk_fuse_bn(
     tensors, views = _check_batch_norm_inputs("sk_fuse_bn", branches, weight, bias, eps)
     if _dispatch_to_kernels(views[0].device):
         s, stats, grad_link, handoff_link = torch.ops.sknet_triton.sk_fuse_bn_train(tensors, weight, bias, eps)
-        state = BatchNormBranches(tensors, stats[launch.BN_MEAN], stats[launch.BN_VAR], stats, (grad_link, handoff_link), None)
-        return s, state
+        links = (grad_link, handoff_link)
+        return s, BatchNormBranches(tensors, stats[launch.BN_MEAN], stats[launch.BN_VAR], stats, links, None)
     values, mean, var = reference.batch_norm_relu(views, weight, bias, eps)
     return reference.sk_fuse(values), BatchNormBranches(tensors, mean, var, None, None, values)
 
