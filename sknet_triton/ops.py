@@ -418,7 +418,8 @@ def sk_select_bn(state: BatchNormBranches, logits: Tensor) -> Tensor:
     """Select over the branches :func:`sk_fuse_bn` normalised: ``sum over m of softmax(logits)[:, m] * P_m``.
 
     Args:
-        state: what :func:`sk_fuse_bn` returned with s.
+        state: what :func:`sk_fuse_bn` returned with s; once (through the kernels the two ops' backward passes
+            are paired, and a second select would add its logits into the first's handoff).
         logits: [B, M, C] attention logits, path-major (float32, float16 or bfloat16), computed from s.
 
     Returns:
