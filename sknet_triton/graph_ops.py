@@ -2,7 +2,7 @@
 
 Eagerly (and under ``torch.compile`` and in a ``torch.fx`` GraphModule, which run Python) :func:`sk_fuse`
 and :func:`sk_select` are :func:`sknet_triton.ops.sk_fuse` and :func:`sknet_triton.ops.sk_select`:
-validated, then dispatched by :func:`sknet_triton.ops.uses_triton`. TorchScript cannot compile those, so
+validated, then dispatched by :func:`sknet_triton.device.uses_triton`. TorchScript cannot compile those, so
 under ``torch.jit.script`` they call the registered custom ops ``torch.ops.sknet_triton.sk_fuse`` /
 ``sk_select`` (the Triton kernels) or :mod:`sknet_triton.reference` directly, choosing by
 :data:`KERNEL_DEVICE_TYPES`, which is ``uses_triton`` itself, asked once per device type.
@@ -10,9 +10,9 @@ under ``torch.jit.script`` they call the registered custom ops ``torch.ops.sknet
 ``sknet_triton.layers`` registers both with ``torch.fx.wrap``, so that every torch.fx tracer (timm's and
 torchvision's feature extractors included) records each as a single node.
 
-``torch.jit.trace`` of the kernels' path raises: the trace would hold sknet_triton's custom ops, which
-only run where sknet_triton is imported; ``sknet_triton.set_backend(model, "torch")`` traces plain
-PyTorch operations instead.
+``torch.jit.trace`` of the kernels' path raises (:func:`refuse_jit_trace`): the trace would hold
+sknet_triton's custom ops, which only run where sknet_triton is imported;
+``sknet_triton.set_backend(model, "torch")`` traces plain PyTorch operations instead.
 """
 import sys
 from typing import List, Optional
@@ -21,27 +21,25 @@ import torch
 from torch import Tensor
 
 from sknet_triton import ops, reference
+from sknet_triton.device import KERNEL_DEVICE_TYPES, uses_triton
 
-__all__ = ["KERNEL_DEVICE_TYPES", "kernels_run_on", "sk_fuse", "sk_select"]
-
-# The device types whose tensors run the Triton kernels: ops.uses_triton, the one dispatch rule, asked for
-# each device type Triton runs on. Its answer depends only on the device type and on what is fixed at
-# import (Triton installed, TRITON_INTERPRET), so this never disagrees with it.
-KERNEL_DEVICE_TYPES = tuple(t for t in ("cpu", "cuda") if ops.uses_triton(torch.device(t)))
+__all__ = ["KERNEL_DEVICE_TYPES", "kernels_run_on", "refuse_jit_trace", "sk_fuse", "sk_select"]
 
 # TorchScript reads a module-level constant only as an attribute of a module object.
 _this_module = sys.modules[__name__]
 
 
 def kernels_run_on(t: Tensor) -> bool:
-    """Whether ``t``'s device runs the Triton kernels (:func:`sknet_triton.ops.uses_triton`), also in
+    """Whether ``t``'s device runs the Triton kernels (:func:`sknet_triton.device.uses_triton`), also in
     TorchScript."""
     if torch.jit.is_scripting():
         return t.device.type in _this_module.KERNEL_DEVICE_TYPES
-    return ops.uses_triton(t.device)
+    return uses_triton(t.device)
 
 
-def _refuse_jit_trace(t: Tensor) -> None:
+def refuse_jit_trace(t: Tensor) -> None:
+    """Raise RuntimeError while ``torch.jit.trace`` records a computation on ``t``'s device that would run the
+    kernels (an SK unit's, or a fused op's in a torch.fx graph)."""
     if torch.jit.is_tracing() and kernels_run_on(t):
         raise RuntimeError(
             "sknet_triton: torch.jit.trace would record the Triton kernels as sknet_triton custom ops, which run "
@@ -62,7 +60,7 @@ def sk_fuse(
         if kernels_run_on(branches[0]):
             return torch.ops.sknet_triton.sk_fuse(branches, scale, bias, relu)
         return reference.sk_fuse(branches, scale, bias, relu)
-    _refuse_jit_trace(branches[0])
+    refuse_jit_trace(branches[0])
     return ops.sk_fuse(branches, scale, bias, relu)
 
 
@@ -82,5 +80,5 @@ def sk_select(
         if kernels_run_on(branches[0]):
             return torch.ops.sknet_triton.sk_select(branches, logits, scale, bias, relu)
         return reference.sk_select(branches, logits, scale, bias, relu)
-    _refuse_jit_trace(branches[0])
+    refuse_jit_trace(branches[0])
     return ops.sk_select(branches, logits, scale, bias, relu)

@@ -23,14 +23,11 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
-import triton
 from torch import Tensor
 
 from sknet_triton import kernels
+from sknet_triton.device import INTERPRETED
 from sknet_triton.layout import branch_views, empty_branch_grads, empty_images, empty_stacked, image_layout, kernel_views
-
-# Whether Triton runs the kernels through its interpreter (TRITON_INTERPRET=1 when they were defined).
-INTERPRETED = not isinstance(kernels.sk_fuse_fwd_kernel, triton.runtime.JITFunction)
 
 # channels_last tiles are BLOCK_C wide along the contiguous channels (the narrowest that covers C);
 # NCHW tiles are BLOCK_HW long along the contiguous positions, the longest that pads H*W by at most 1/16
@@ -313,7 +310,7 @@ def chunking(
     as few chunks as give ``programs`` programs per chunk enough to fill the device; one chunk when
     ``deterministic``."""
     blocks = math.ceil(length / block)
-    wanted = 1 if deterministic else math.ceil(min_programs(device, config) / programs)
+    wanted = 1 if deterministic else math.ceil(min_programs(device, config) / max(1, programs))
     chunk = math.ceil(blocks / max(1, min(wanted, blocks))) * block
     return math.ceil(length / chunk), chunk
 

@@ -4,6 +4,7 @@ Parameter names and state-dict layout are those of timm's ``SelectiveKernel``
 (``paths.{m}.conv``, ``paths.{m}.bn``, ``attn.fc_reduce``, ``attn.bn``, ``attn.fc_select``), so timm
 weights load unchanged.
 """
+import enum
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -11,17 +12,18 @@ import torch.fx
 from torch import Tensor, nn
 
 from sknet_triton import ops, reference
-from sknet_triton.graph_ops import sk_fuse, sk_select
+from sknet_triton.device import uses_triton
+from sknet_triton.graph_ops import refuse_jit_trace, sk_fuse, sk_select
 
 __all__ = [
-    "SKConv", "SKAttention", "ConvBnAct", "set_backend", "set_split_conv", "make_divisible", "paper_attn_width",
-    "timm_attn_width", "BACKENDS", "SPLIT_CONVS",
+    "SKConv", "SKAttention", "ConvBnAct", "UnitPath", "unit_path", "set_backend", "set_split_conv", "make_divisible",
+    "paper_attn_width", "timm_attn_width", "BACKENDS", "SPLIT_CONVS",
 ]
 
-# "auto": the Triton kernels where ops.uses_triton() says so, the plain-PyTorch reference elsewhere.
+# "auto": the Triton kernels where sknet_triton.device.uses_triton() says so, the plain-PyTorch reference elsewhere.
 # "torch": plain PyTorch operations only (TorchScript tracing, ONNX export, any device).
 BACKENDS = ("auto", "torch")
-# How an eval-mode SKConv computes its paths where the split kernel applies (see SKConv.split_kernel_applies):
+# How an eval-mode SKConv computes its paths where the split kernel applies (see unit_path):
 # "auto": the split kernel where this GPU's tuned table records it faster than cuDNN for the shape;
 # "triton": always the split kernel; "cudnn": always the paths' own convolutions.
 SPLIT_CONVS = ("auto", "triton", "cudnn")
@@ -156,7 +158,8 @@ class SKAttention(nn.Module):
         """s: [B, C] (float32 from sk_fuse). Returns logits [B, M, C]."""
         x = s.to(self.fc_reduce.weight.dtype)[:, :, None, None]
         x = self.fc_select(self.act(self.bn(self.fc_reduce(x))))
-        return x.view(x.shape[0], self.num_paths, -1)
+        # Every size named: an empty batch leaves -1 nothing to infer from.
+        return x.view(x.shape[0], self.num_paths, x.shape[1] // self.num_paths)
 
 
 def _branch_kernels(M: Optional[int], kernel_sizes: Optional[Sequence[int]]) -> list[int]:
@@ -219,7 +222,8 @@ class SKConv(nn.Module):
     state on every call, so they never go stale. In training mode (and wherever BatchNorm uses the batch's
     statistics), where the ops run the kernels and every path is exactly BatchNorm2d + ReLU, the kernels
     compute the batch statistics and apply BatchNorm and ReLU as they load the convolution outputs
-    (:func:`sknet_triton.ops.sk_fuse_select_bn`); the running statistics are updated as BatchNorm2d does.
+    (:func:`sknet_triton.ops.sk_fuse_bn`, then :func:`sknet_triton.ops.sk_select_bn`); the running
+    statistics are updated as BatchNorm2d does. :func:`unit_path` decides which of these a call runs.
     """
 
     def __init__(
@@ -279,25 +283,56 @@ class SKConv(nn.Module):
         self.attn = SKAttention(out_channels, num_paths, attn_channels, norm_layer, act_layer)
 
     def forward(self, x: Tensor) -> Tensor:
-        inputs = self._path_inputs(x)
-        if self.backend == "torch":
-            branches = self._run_paths(inputs)
-            return reference.sk_select(branches, self.attn(reference.sk_fuse(branches)))
         if not torch.jit.is_scripting():
-            # TorchScript cannot compile these checks: scripted SK units run their paths, then the fused ops.
-            # An fx graph (x a Proxy) records a unit through the fused ops too, in any mode.
-            traced = isinstance(x, torch.fx.Proxy)
-            if not traced and self.split_kernel_applies(x):
-                return self._forward_split_kernel(x)
-            if not traced and self._normalises_with_batch_statistics(x):
-                return self._forward_batch_statistics(inputs)
-            if self._folds_batchnorm():
-                branches = [path.conv(xi) for path, xi in zip(self.paths, inputs)]
-                scale, bias = self._folded_batchnorm()
-                s = sk_fuse(branches, scale, bias, True)
-                return sk_select(branches, self.attn(s), scale, bias, True)
-        branches = self._run_paths(inputs)
+            return getattr(self, _FORWARDS[unit_path(self, x)])(x)
+        # TorchScript compiles neither the decision nor the whole-unit kernels: a scripted unit runs its paths,
+        # then the fused ops (or plain PyTorch on the "torch" backend).
+        if self.backend == "torch":
+            return self._forward_plain_torch(x)
+        return self._forward_ops(x)
+
+    def _forward_plain_torch(self, x: Tensor) -> Tensor:
+        """UnitPath.PLAIN_TORCH: the paths, then the reference fuse and select."""
+        branches = self._run_paths(self._path_inputs(x))
+        return reference.sk_select(branches, self.attn(reference.sk_fuse(branches)))
+
+    def _forward_ops(self, x: Tensor) -> Tensor:
+        """UnitPath.OPS: the paths whole, then the fused ops."""
+        branches = self._run_paths(self._path_inputs(x))
         return sk_select(branches, self.attn(sk_fuse(branches)))
+
+    def _forward_folded_batchnorm(self, x: Tensor) -> Tensor:
+        """UnitPath.FOLDED_BATCHNORM: the convolutions, then the fused ops with each path's eval-mode BatchNorm
+        and ReLU as their prologue."""
+        branches = [path.conv(xi) for path, xi in zip(self.paths, self._path_inputs(x))]
+        scale, bias = self._folded_batchnorm()
+        s = sk_fuse(branches, scale, bias, True)
+        return sk_select(branches, self.attn(s), scale, bias, True)
+
+    def _forward_batch_statistics(self, x: Tensor) -> Tensor:
+        """UnitPath.BATCH_STATISTICS: the convolutions, then the fused ops with each path's BatchNorm (batch
+        statistics) and ReLU inside the kernels, and the running statistics updated as nn.BatchNorm2d updates
+        them."""
+        branches = [path.conv(xi) for path, xi in zip(self.paths, self._path_inputs(x))]
+        norms = [path.bn for path in self.paths]
+        weight = None if norms[0].weight is None else torch.stack([bn.weight for bn in norms])
+        bias = None if norms[0].bias is None else torch.stack([bn.bias for bn in norms])
+        s, state = ops.sk_fuse_bn(branches, weight, bias, float(norms[0].eps))
+        out = ops.sk_select_bn(state, self.attn(s))
+        B, _, H, W = branches[0].shape
+        for m, bn in enumerate(norms):
+            if bn.training and bn.track_running_stats and bn.running_mean is not None:
+                _update_running_statistics(bn, state.mean[m], state.var[m], B * H * W)
+        return out
+
+    def _forward_split_kernel(self, x: Tensor) -> Tensor:
+        """UnitPath.SPLIT_KERNEL: every path's convolution, BatchNorm and ReLU and the pooled sum in one
+        launch, then the attention and the select (with no prologue)."""
+        dtype = self._split_dtype(x)
+        weight = torch.stack([path.conv.weight for path in self.paths]).to(dtype)
+        scale, bias = self._folded_batchnorm()
+        branches, s = ops.sk_split(x.to(dtype), weight, scale, bias, self.paths[0].conv.stride[0], self.split_input)
+        return ops.sk_select(branches, self.attn(s))
 
     def _path_inputs(self, x: Tensor) -> List[Tensor]:
         """Each path's input: its channel slice of ``x`` with ``split_input``, else ``x`` itself."""
@@ -315,13 +350,11 @@ class SKConv(nn.Module):
             branches.append(path(inputs[m]))
         return branches
 
-    def _normalises_with_batch_statistics(self, x: Tensor) -> bool:
-        """Whether the paths' BatchNorm with batch statistics (training, or no running statistics) and ReLU
-        run inside the kernels: every path's norm is exactly nn.BatchNorm2d (a SyncBatchNorm needs statistics
-        from every process and stays a separate op), its activation exactly nn.ReLU, their eps and affine
-        agree, and the ops run the kernels."""
-        if not ops.uses_triton(x.device) or x.shape[0] == 0:
-            return False
+    def _normalises_with_batch_statistics(self) -> bool:
+        """Whether the paths' BatchNorm uses the batch's statistics (training, or no running statistics) and
+        can run inside the kernels with the ReLU: every path's norm is exactly nn.BatchNorm2d (a SyncBatchNorm
+        needs statistics from every process and stays a separate op), its activation exactly nn.ReLU, and
+        their eps and affine agree."""
         for path in self.paths:
             bn = path.bn
             if type(bn) is not nn.BatchNorm2d or type(path.act) is not nn.ReLU:
@@ -330,41 +363,30 @@ class SKConv(nn.Module):
                 return False
         return True
 
-    def _forward_batch_statistics(self, inputs: Sequence[Tensor]) -> Tensor:
-        """The unit with each path's BatchNorm (batch statistics) and ReLU applied inside the kernels, and
-        the running statistics updated as nn.BatchNorm2d updates them."""
-        branches = [path.conv(xi) for path, xi in zip(self.paths, inputs)]
-        norms = [path.bn for path in self.paths]
-        weight = None if norms[0].weight is None else torch.stack([bn.weight for bn in norms])
-        bias = None if norms[0].bias is None else torch.stack([bn.bias for bn in norms])
-        out, mean, var = ops.sk_fuse_select_bn(branches, self.attn, weight, bias, float(norms[0].eps))
-        B, _, H, W = branches[0].shape
-        for m, bn in enumerate(norms):
-            if bn.training and bn.track_running_stats and bn.running_mean is not None:
-                _update_running_statistics(bn, mean[m], var[m], B * H * W)
-        return out
-
     def split_kernel_applies(self, x: Tensor) -> bool:
-        """Whether this call runs the split kernel (``sknet_triton.sk_split``): eval mode with foldable
-        BatchNorm, the kernels' device, the paper's paths (3x3, dilation and padding m + 1, no bias, as in
-        the default ``keep_3x3``), no gradient wanted, and ``split_conv`` "triton", or "auto" where the tuned
-        table says so."""
-        if self.backend != "auto" or self.split_conv == "cudnn" or not ops.uses_triton(x.device):
-            return False
-        if x.dim() != 4 or not self._folds_batchnorm():
+        """Whether this call, on ``x`` [B, C_in, H, W] in the current mode, runs the split kernel
+        (``sknet_triton.sk_split``): :func:`unit_path` asked."""
+        return unit_path(self, x) is UnitPath.SPLIT_KERNEL
+
+    def _split_kernel_fits(self, x: Tensor) -> bool:
+        """Whether the split kernel (``sknet_triton.sk_split``) can replace this call's paths, on the kernels'
+        device: eval mode with foldable BatchNorm, the split kernel's geometry
+        (:func:`sknet_triton.ops.split_geometry_problem`) with plain zero-padded convolutions, no gradient
+        wanted, and ``split_conv`` "triton", or "auto" where the tuned table records it faster."""
+        if self.split_conv == "cudnn" or x.dim() != 4 or not self._folds_batchnorm():
             return False
         # Inference only: where autograd needs the paths' gradients, they run as usual.
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.paths.parameters())):
             return False
-        for m, path in enumerate(self.paths):
-            conv = path.conv
-            if (conv.kernel_size, conv.dilation, conv.padding) != ((3, 3), (m + 1, m + 1), (m + 1, m + 1)):
-                return False
-            if conv.bias is not None or conv.padding_mode != "zeros" or conv.stride not in ((1, 1), (2, 2)):
-                return False
+        convs = [path.conv for path in self.paths]
+        if any(conv.bias is not None or conv.padding_mode != "zeros" for conv in convs):
+            return False
+        geometry = [[conv.kernel_size, conv.stride, conv.dilation, conv.padding] for conv in convs]
+        if ops.split_geometry_problem(*zip(*geometry)) is not None:
+            return False
         if self.split_conv == "triton":
             return True
-        stride = self.paths[0].conv.stride[0]
+        stride = convs[0].stride[0]
         positions = ((x.shape[2] - 1) // stride + 1) * ((x.shape[3] - 1) // stride + 1)
         return ops.prefers_split_kernel(
             x.device, self._split_dtype(x), x.is_contiguous(memory_format=torch.channels_last), self.num_paths,
@@ -376,15 +398,6 @@ class SKConv(nn.Module):
         if torch.is_autocast_enabled(x.device.type):
             return torch.get_autocast_dtype(x.device.type)
         return x.dtype
-
-    def _forward_split_kernel(self, x: Tensor) -> Tensor:
-        """The forward pass with the split kernel: every path's convolution, BatchNorm and ReLU and the pooled
-        sum in one launch, then the attention and the select (with no prologue). Output as :meth:`forward`."""
-        dtype = self._split_dtype(x)
-        weight = torch.stack([path.conv.weight for path in self.paths]).to(dtype)
-        scale, bias = self._folded_batchnorm()
-        branches, s = ops.sk_split(x.to(dtype), weight, scale, bias, self.paths[0].conv.stride[0], self.split_input)
-        return ops.sk_select(branches, self.attn(s))
 
     def _folds_batchnorm(self) -> bool:
         """Whether eval-mode BatchNorm + ReLU of the paths go into the ops' prologue."""
@@ -416,6 +429,53 @@ class SKConv(nn.Module):
         )
 
 
+class UnitPath(enum.Enum):
+    """How one call of an SKConv runs; :func:`unit_path` chooses."""
+
+    PLAIN_TORCH = "plain PyTorch"  # the paths, then the reference fuse and select
+    SPLIT_KERNEL = "split kernel"  # sk_split (convolutions, eval-mode BatchNorm, ReLU, fuse), attention, sk_select
+    BATCH_STATISTICS = "batch statistics"  # the convolutions, sk_fuse_bn, attention, sk_select_bn
+    FOLDED_BATCHNORM = "folded BatchNorm"  # the convolutions, sk_fuse and sk_select with the eval-mode prologue
+    OPS = "ops"  # the paths whole, then sk_fuse and sk_select
+
+
+# The SKConv method that runs each path.
+_FORWARDS = {
+    UnitPath.PLAIN_TORCH: "_forward_plain_torch",
+    UnitPath.SPLIT_KERNEL: "_forward_split_kernel",
+    UnitPath.BATCH_STATISTICS: "_forward_batch_statistics",
+    UnitPath.FOLDED_BATCHNORM: "_forward_folded_batchnorm",
+    UnitPath.OPS: "_forward_ops",
+}
+
+
+def unit_path(unit: SKConv, x: Tensor) -> UnitPath:
+    """How ``unit`` runs on ``x`` [B, C_in, H, W] (any dtype; a torch.fx Proxy while fx traces) in the current
+    mode: the one decision of :meth:`SKConv.forward` outside TorchScript.
+
+    - the "torch" backend: plain PyTorch, always.
+    - torch.fx tracing: the fused ops, one graph node each, with BatchNorm folded where it folds when
+      traced; the whole-unit kernels run only eagerly and under torch.compile.
+    - torch.jit.trace: refused (RuntimeError) on the kernels' device, whose custom ops a trace would hold;
+      plain PyTorch elsewhere, whatever the grad mode (the trace's check reruns it without grad).
+    - on the kernels' device (:func:`sknet_triton.device.uses_triton`): the split kernel where it applies,
+      else BatchNorm with batch statistics inside the kernels where the paths allow it;
+    - then eval-mode BatchNorm folded into the fused ops where it folds, else the paths whole and the ops.
+    """
+    if unit.backend == "torch":
+        return UnitPath.PLAIN_TORCH
+    if not isinstance(x, torch.fx.Proxy):
+        if torch.jit.is_tracing():
+            refuse_jit_trace(x)
+            return UnitPath.PLAIN_TORCH
+        if uses_triton(x.device):
+            if unit._split_kernel_fits(x):
+                return UnitPath.SPLIT_KERNEL
+            if unit._normalises_with_batch_statistics():
+                return UnitPath.BATCH_STATISTICS
+    return UnitPath.FOLDED_BATCHNORM if unit._folds_batchnorm() else UnitPath.OPS
+
+
 def _affine_kind(bn: nn.BatchNorm2d) -> tuple:
     """What the paths' BatchNorms must share to run in the kernels together: eps, and which affine
     parameters exist."""
@@ -426,14 +486,18 @@ def _affine_kind(bn: nn.BatchNorm2d) -> tuple:
 def _update_running_statistics(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
     """nn.BatchNorm2d's training-time update from a batch's mean and biased variance over ``count`` values:
     an exponential average with its momentum, or the cumulative average over num_batches_tracked when
-    momentum is None; the running variance is unbiased."""
+    momentum is None; the running variance is unbiased. An empty batch (``count`` 0) counts as a batch and
+    leaves the averages as they are."""
     momentum = 0.0 if bn.momentum is None else bn.momentum
     if bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         if bn.momentum is None:
             momentum = 1.0 / bn.num_batches_tracked
+    if count == 0:
+        return
     bn.running_mean.mul_(1 - momentum).add_(momentum * mean)
     bn.running_var.mul_(1 - momentum).add_(momentum * var * (count / (count - 1)))
+
 
 def set_split_conv(model: nn.Module, split_conv: str) -> nn.Module:
     """Choose how every SKConv in ``model`` computes its paths in eval mode; returns ``model``.

@@ -1,39 +1,38 @@
 """The Selective Kernel split, fuse and select operations: validation, dispatch and torch.library registration.
 
-``sk_split`` (eval mode), ``sk_fuse`` and ``sk_select`` are the public entry points, and ``sk_fuse_select_bn`` the
-two of them over branches that still need training-mode BatchNorm (batch statistics) and ReLU. Each checks
-its inputs once, then runs either
-the Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) through custom ops that
-``torch.compile`` traces without a graph break, or the plain-PyTorch reference (every other case).
+``sk_split`` (eval mode), ``sk_fuse`` and ``sk_select`` are the public entry points, and ``sk_fuse_bn`` then
+``sk_select_bn`` the two of them over branches that still need training-mode BatchNorm (batch statistics) and
+ReLU. Each checks its inputs once, then runs either the Triton kernels (where
+:func:`sknet_triton.device.uses_triton` says so) through custom ops that ``torch.compile`` traces without a
+graph break, or the plain-PyTorch reference (every other case).
 
 The custom ops take the branches as a list: M tensors [B, C, H, W], or one stacked [B, M, C, H, W]
 tensor. Gradients are structured the same way.
 """
 from __future__ import annotations
 
-import importlib.util
 import warnings
-from typing import Callable, Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
+from sknet_triton import device as device_rule
 from sknet_triton import reference
+from sknet_triton.device import kernel_path, uses_triton
 from sknet_triton.layout import (
     branch_views, empty_branch_grads, empty_images, empty_stacked, expanded_branch_grads, image_layout, kernel_layout,
 )
 
-# Triton is published for Linux only: without the package every device runs the reference (and CUDA
-# tensors say so once). With it, the kernels must import: a broken installation is an error, not a
-# silent fallback.
-if importlib.util.find_spec("triton") is None:
-    launch = None
-else:
+# With the triton package the kernels must import: a broken installation is an error, not a silent fallback.
+if device_rule.TRITON_INSTALLED:
     from sknet_triton import launch
+else:
+    launch = None
 
 __all__ = [
-    "sk_split", "sk_fuse", "sk_select", "sk_fuse_select_bn", "uses_triton", "prefers_split_kernel", "kernel_path",
-    "SUPPORTED_DTYPES", "MAX_BRANCHES",
+    "sk_split", "sk_fuse", "sk_select", "sk_fuse_bn", "sk_select_bn", "BatchNormBranches", "uses_triton",
+    "prefers_split_kernel", "split_geometry_problem", "kernel_path", "SUPPORTED_DTYPES", "MAX_BRANCHES",
 ]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -46,20 +45,6 @@ Branches = Union[Tensor, Sequence[Tensor]]
 _warned_no_triton = False
 
 
-def uses_triton(device: torch.device) -> bool:
-    """Whether tensors on ``device`` run the Triton kernels rather than the plain-PyTorch reference."""
-    if launch is None:
-        return False
-    return device.type == "cuda" or (device.type == "cpu" and launch.INTERPRETED)
-
-
-def kernel_path(device: torch.device) -> str:
-    """What the ops run for tensors on ``device``: "triton", "triton-interpreter" or "reference"."""
-    if not uses_triton(device):
-        return "reference"
-    return "triton-interpreter" if launch.INTERPRETED else "triton"
-
-
 def prefers_split_kernel(device: torch.device, dtype: torch.dtype, channels_last: bool, M: int, C: int, HW: int) -> bool:
     """Whether the tuned table of this CUDA device's architecture records :func:`sk_split` faster than the
     cuDNN convolutions it replaces, for M branches of C channels and HW output positions (see
@@ -70,7 +55,7 @@ def prefers_split_kernel(device: torch.device, dtype: torch.dtype, channels_last
 def _dispatch_to_kernels(device: torch.device) -> bool:
     """:func:`uses_triton`, warning once when CUDA tensors fall back for want of the triton package."""
     global _warned_no_triton
-    if launch is None and device.type == "cuda" and not _warned_no_triton:
+    if not device_rule.TRITON_INSTALLED and device.type == "cuda" and not _warned_no_triton:
         _warned_no_triton = True
         warnings.warn("sknet_triton: the triton package is not installed; CUDA tensors run the plain-PyTorch "
                       "reference instead of the fused kernels", RuntimeWarning, stacklevel=3)
@@ -188,14 +173,10 @@ def _check_logits(op: str, logits, views: list[Tensor]) -> None:
         raise ValueError(f"{op}: logits are on {logits.device}, the branches on {device}")
 
 
-def _check_batch_norm_inputs(
-    op: str, branches: Branches, attention, weight, bias, eps
-) -> tuple[list[Tensor], list[Tensor]]:
-    """Every check of one :func:`sk_fuse_select_bn` call but the logits'; returns what :func:`_check_branches` does."""
+def _check_batch_norm_inputs(op: str, branches: Branches, weight, bias, eps) -> tuple[list[Tensor], list[Tensor]]:
+    """Every check of one :func:`sk_fuse_bn` call; returns what :func:`_check_branches` does."""
     tensors, views = _check_branches(op, branches)
     B, C, H, W = views[0].shape
-    if not callable(attention):
-        raise TypeError(f"{op}: attention must be callable (s [B, C] -> logits [B, M, C]), got {type(attention).__name__}")
     _check_param(op, "weight", weight, (len(views), C), views[0].device, constant=False)
     _check_param(op, "bias", bias, (len(views), C), views[0].device, constant=False)
     if not isinstance(eps, float):
@@ -206,29 +187,67 @@ def _check_batch_norm_inputs(
     return tensors, views
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def split_geometry_problem(
+    kernel_sizes: Sequence[tuple[int, int]],
+    strides: Sequence[object],
+    dilations: Optional[Sequence[tuple[int, int]]] = None,
+    paddings: Optional[Sequence[tuple[int, int]]] = None,
+) -> Optional[str]:
+    """Why M convolutions are not the split kernel's, or None when they are: 2 to 4 branches, each a 3x3
+    kernel with dilation and padding m + 1 (branch m, m from 0), all with one stride of 1 or 2.
+
+    Args:
+        kernel_sizes: each branch's (height, width) of its kernel.
+        strides: each branch's stride: an int, or a (height, width) pair of equal ints.
+        dilations, paddings: each branch's (height, width) pairs; None where they are implied (``sk_split``
+            takes none: its branches have the split kernel's by definition).
+    """
+    M = len(kernel_sizes)
+    if not 2 <= M <= MAX_BRANCHES:
+        return f"needs 2 to {MAX_BRANCHES} branches, got {M}"
+    for m in range(M):
+        if tuple(kernel_sizes[m]) != (3, 3):
+            return f"weight must be 3x3 per branch, got {'x'.join(str(k) for k in kernel_sizes[m])} in branch {m}"
+        spacing = (m + 1, m + 1)
+        if dilations is not None and tuple(dilations[m]) != spacing:
+            return f"branch {m} must have dilation {m + 1}, got {tuple(dilations[m])}"
+        if paddings is not None and tuple(paddings[m]) != spacing:
+            return f"branch {m} must have padding {m + 1}, got {tuple(paddings[m])}"
+    stride = strides[0]
+    if any(s != stride for s in strides):
+        return f"the branches' strides differ: {list(strides)}"
+    height, width = stride if isinstance(stride, tuple) else (stride, stride)
+    if not (_is_int(height) and height in (1, 2) and height == width):
+        return f"stride must be 1 or 2, got {stride!r}"
+    return None
+
+
 def _check_split(x, weight, scale, bias, stride, split_input) -> None:
     """Every check of one :func:`sk_split` call."""
     op = "sk_split"
     if not isinstance(x, Tensor) or x.dim() != 4:
         raise ValueError(f"{op}: x must be a 4-D tensor [B, C_in, H, W], got "
                          f"{_describe(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
-    if not isinstance(weight, Tensor) or weight.dim() != 5 or tuple(weight.shape[3:]) != (3, 3):
+    if not isinstance(weight, Tensor) or weight.dim() != 5:
         raise ValueError(f"{op}: weight must be [M, C, C_path / groups, 3, 3], got "
                          f"{_describe(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
+    M, C, group_in = weight.shape[:3]
+    problem = split_geometry_problem([tuple(weight.shape[3:])] * M, [stride] * M)
+    if problem is not None:
+        raise ValueError(f"{op}: {problem}")
     _check_float("x", op, x)
     if weight.dtype != x.dtype:
         raise TypeError(f"{op}: weight is {weight.dtype}, x is {x.dtype}: they must match")
     if weight.device != x.device:
         raise ValueError(f"{op}: weight is on {weight.device}, x on {x.device}")
     B, C_in, H, W = x.shape
-    M, C, group_in = weight.shape[:3]
-    if not 2 <= M <= MAX_BRANCHES:
-        raise ValueError(f"{op}: needs 2 to {MAX_BRANCHES} branches (weight.shape[0]), got {M}")
     if min(C_in, H, W, C, group_in) == 0:
         raise ValueError(f"{op}: needs C_in, H, W, C and the group width >= 1, got x {_describe(x.shape)} and "
                          f"weight {_describe(weight.shape)}")
-    if not isinstance(stride, int) or isinstance(stride, bool) or stride not in (1, 2):
-        raise ValueError(f"{op}: stride must be 1 or 2, got {stride!r}")
     if not isinstance(split_input, bool):
         raise TypeError(f"{op}: split_input must be a bool, got {type(split_input).__name__}")
     if split_input and C_in % M:
@@ -345,48 +364,78 @@ def sk_select(
     return reference.sk_select(views, logits, scale, bias, relu).contiguous(memory_format=fmt)
 
 
-def sk_fuse_select_bn(
-    branches: Branches,
-    attention: Callable[[Tensor], Tensor],
-    weight: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None,
-    eps: float = 1e-5,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Fuse, attention and select over raw branches that need training-mode BatchNorm and ReLU.
+class BatchNormBranches(NamedTuple):
+    """Raw branches and their training-mode BatchNorm, as :func:`sk_fuse_bn` hands them to :func:`sk_select_bn`.
+
+    ``branches``: the raw branches Y_m as the ops take them (M tensors [B, C, H, W], or one stacked tensor).
+    ``mean``, ``var``: float32 [M, C], each branch's batch mean and biased variance per channel (NaN for an
+    empty batch, which has none), without gradient: for the running statistics.
+    ``stats``, ``links``: where the kernels run, the float32 [5, M, C] statistics the kernels apply and the
+    two link tensors that pair the ops' backward passes (select's hands fuse's dV and a few sums); else None.
+    ``values``: elsewhere, the normalised branches P_m (float32; float64 for float64 input); else None.
+    """
+
+    branches: list[Tensor]
+    mean: Tensor
+    var: Tensor
+    stats: Optional[Tensor]
+    links: Optional[tuple[Tensor, Tensor]]
+    values: Optional[list[Tensor]]
+
+
+def sk_fuse_bn(
+    branches: Branches, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5
+) -> tuple[Tensor, BatchNormBranches]:
+    """Fuse over raw branches that need training-mode BatchNorm and ReLU: the first half of the SK unit whose
+    second is :func:`sk_select_bn` (the attention runs between them).
 
     Each branch is ``P_m = max(weight[m] * (Y_m - mean_m) / sqrt(var_m + eps) + bias[m], 0)`` with the batch
     statistics of Y_m (per channel over B, H, W; ``var`` biased), as ``nn.BatchNorm2d`` in training
-    followed by ``nn.ReLU``; then ``s = sk_fuse(P)``, ``logits = attention(s)``, ``out = sk_select(P, logits)``.
-    Where the kernels run, the normalised branches are never in memory: the kernels apply BatchNorm and ReLU
-    while they load Y_m, and the backward keeps only Y_m, the statistics and the logits.
+    followed by ``nn.ReLU``, and ``s = sk_fuse(P)``. Where the kernels run, the normalised branches are never
+    in memory: one pass computes the statistics, and the kernels apply BatchNorm and ReLU as they load Y_m.
 
     Args:
         branches: M (2 to 4) raw branches Y_m [B, C, H, W] (convolution outputs), or one stacked tensor
             [B, M, C, H, W]; float32, float16 or bfloat16, as for :func:`sk_fuse`.
-        attention: s [B, C] float32 -> logits [B, M, C] (path-major, float32, float16 or bfloat16).
         weight, bias: the BatchNorms' affine parameters [M, C] (None: 1 and 0); they may require grad.
         eps: BatchNorm's eps.
 
     Returns:
-        ``(out, mean, var)``: out [B, C, H, W] in the branches' dtype and layout (as :func:`sk_select`), and the
-        batch mean and biased variance [M, C] float32, without gradient, for the running statistics.
-        Gradients reach the branches, weight, bias and whatever ``attention`` depends on. A batch with one value
-        per channel (B * H * W = 1) raises ValueError, as ``nn.BatchNorm2d`` does in training.
+        ``(s, state)``: s [B, C] float32, and the :class:`BatchNormBranches` that :func:`sk_select_bn` takes,
+        whose ``mean`` and ``var`` are for the running statistics. A batch with one value per channel
+        (B * H * W = 1) raises ValueError, as ``nn.BatchNorm2d`` does in training; B = 0 gives an empty s.
     """
-    op = "sk_fuse_select_bn"
-    tensors, views = _check_batch_norm_inputs(op, branches, attention, weight, bias, eps)
+    tensors, views = _check_batch_norm_inputs("sk_fuse_bn", branches, weight, bias, eps)
     if _dispatch_to_kernels(views[0].device):
         s, stats, grad_link, handoff_link = torch.ops.sknet_triton.sk_fuse_bn_train(tensors, weight, bias, eps)
-        logits = attention(s)
-        _check_logits(op, logits, views)
-        out = torch.ops.sknet_triton.sk_select_bn_train(tensors, logits, stats, grad_link, handoff_link)
-        return out, stats[launch.BN_MEAN], stats[launch.BN_VAR]
+        links = (grad_link, handoff_link)
+        return s, BatchNormBranches(tensors, stats[launch.BN_MEAN], stats[launch.BN_VAR], stats, links, None)
     values, mean, var = reference.batch_norm_relu(views, weight, bias, eps)
-    logits = attention(reference.sk_fuse(values))
+    return reference.sk_fuse(values), BatchNormBranches(tensors, mean, var, None, None, values)
+
+
+def sk_select_bn(state: BatchNormBranches, logits: Tensor) -> Tensor:
+    """Select over the branches :func:`sk_fuse_bn` normalised: ``sum over m of softmax(logits)[:, m] * P_m``.
+
+    Args:
+        state: what :func:`sk_fuse_bn` returned with s; once (through the kernels the two ops' backward passes
+            are paired, and a second select would add its logits into the first's handoff).
+        logits: [B, M, C] attention logits, path-major (float32, float16 or bfloat16), computed from s.
+
+    Returns:
+        out [B, C, H, W] in the branches' dtype and layout, as :func:`sk_select`. Gradients reach the
+        branches, ``sk_fuse_bn``'s weight and bias, and the logits; through the kernels the backward keeps
+        only Y_m, the statistics and the logits, and is right whichever of s and out the loss reaches.
+    """
+    op = "sk_select_bn"
+    if not isinstance(state, BatchNormBranches):
+        raise TypeError(f"{op}: state must be what sk_fuse_bn returned, got {type(state).__name__}")
+    views = branch_views(state.branches)
     _check_logits(op, logits, views)
-    fmt = torch.channels_last if kernel_layout(tensors) else torch.contiguous_format
-    out = reference.sk_select(values, logits).to(views[0].dtype).contiguous(memory_format=fmt)
-    return out, mean, var
+    if state.values is None:
+        return torch.ops.sknet_triton.sk_select_bn_train(state.branches, logits, state.stats, *state.links)
+    fmt = torch.channels_last if kernel_layout(state.branches) else torch.contiguous_format
+    return reference.sk_select(state.values, logits).to(views[0].dtype).contiguous(memory_format=fmt)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -536,7 +585,8 @@ _sk_select_op.register_autograd(_select_backward, setup_context=_select_setup_co
 # sk_fuse_bn_train returns s, the statistics and two link tensors with zero strides (no memory, never read);
 # sk_select_bn_train takes the links as inputs. Autograd runs select's backward first: it runs pass A and
 # returns, as the links' gradients, dV (by reference) and the handoff of small sums. Fuse's backward then
-# receives them with ds, and runs pass B. Both stay ordinary autograd edges, so torch.compile traces them.
+# receives them with ds, and runs pass B; where the loss does not reach select's output, fuse's backward runs
+# pass A itself with dV = 0. Both stay ordinary autograd edges, so torch.compile traces them.
 
 
 def _links(branches: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -585,6 +635,8 @@ def _fuse_bn_train_setup_context(ctx, inputs, output):
     branches, weight, bias, eps = inputs
     _, stats, _, _ = output
     ctx.mark_non_differentiable(stats)
+    # Unused outputs arrive as None, not zeros: a missing handoff says select's backward never ran.
+    ctx.set_materialize_grads(False)
     ctx.weight_dtype = None if weight is None else weight.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.save_for_backward(*branches, stats)
@@ -592,6 +644,16 @@ def _fuse_bn_train_setup_context(ctx, inputs, output):
 
 def _fuse_bn_train_backward(ctx, grad_s, grad_stats, grad_out, handoff):
     *branches, stats = ctx.saved_tensors
+    u = branch_views(branches)[0]
+    B, C = u.shape[:2]
+    if grad_s is None:
+        grad_s = u.new_zeros((B, C), dtype=torch.float32)
+    if handoff is None:
+        # The loss reaches the unit only through s: select's backward did not run, and dV is zero. Its pass
+        # still gives the sums BatchNorm's backward needs ([P > 0] and [P > 0] x_hat); any logits do.
+        grad_out = empty_images(u, kernel_layout(branches)).zero_()
+        logits = u.new_zeros((B, len(branch_views(branches)), C), dtype=torch.float32)
+        _, handoff = torch.ops.sknet_triton.sk_select_bn_train_backward(grad_out, branches, logits, stats)
     grads, dgamma, dbeta = torch.ops.sknet_triton.sk_fuse_bn_train_backward(grad_s, grad_out, branches, stats, handoff)
     dgamma = None if ctx.weight_dtype is None else dgamma.to(ctx.weight_dtype)
     dbeta = None if ctx.bias_dtype is None else dbeta.to(ctx.bias_dtype)

@@ -70,7 +70,9 @@ def batch_norm_relu(
     values, means, variances = [], [], []
     for m, y in enumerate(branches):
         y = y.to(_compute_dtype(y.dtype))
-        var, mean = torch.var_mean(y, dim=(0, 2, 3), unbiased=False)
+        # Written out rather than var_mean, which warns on an empty batch (where both are NaN).
+        mean = y.mean(dim=(0, 2, 3))
+        var = (y - mean[None, :, None, None]).square().mean(dim=(0, 2, 3))
         p = (y - mean[None, :, None, None]) * torch.rsqrt(var + eps)[None, :, None, None]
         if weight is not None:
             p = p * weight[m].to(p.dtype)[None, :, None, None]

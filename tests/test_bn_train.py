@@ -1,4 +1,5 @@
-"""Training-mode BatchNorm + ReLU of the SK paths inside the kernels (sk_fuse_select_bn, SKConv in training).
+"""Training-mode BatchNorm + ReLU of the SK paths inside the kernels (sk_fuse_bn and sk_select_bn, SKConv in
+training).
 
 The oracle is nn.BatchNorm2d (training) + ReLU + the reference fuse and select, in float64 on the CPU.
 Without CUDA the kernels run through Triton's interpreter, so shapes stay tiny and each test runs the
@@ -17,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sknet_triton import SKConv, create_model, launch, ops, reference, set_backend
+from sknet_triton import SKConv, create_model, device, launch, ops, reference, set_backend
+from sknet_triton.layers import UnitPath, unit_path
 from tests.helpers import DEVICE, requires_kernels
-from tests.model_helpers import assert_close_relative, assert_grads_as_accurate_as, randomize_batchnorm
+from tests.model_helpers import TRAINING_BATCH, assert_close_relative, assert_grads_as_accurate_as, randomize_batchnorm
 from tests.ops_inputs import as_float64, assert_close, make_branches, poisoned_allocations
 
 pytestmark = requires_kernels
@@ -41,6 +43,9 @@ class LinearAttention:
     def leaves(self):
         return [self.base, self.weight]
 
+    def named_leaves(self):
+        return [("logits", self.base), ("attention weight", self.weight)]
+
     def float64(self):
         copy64 = copy.copy(self)
         copy64.base, copy64.weight = as_float64(self.base), as_float64(self.weight)
@@ -55,8 +60,17 @@ def make_affine(M, C, affine):
     return weight, bias
 
 
+def fuse_select_bn(branches, attention, weight=None, bias=None, eps=EPS):
+    """The SK unit over raw branches as SKConv runs it: sk_fuse_bn, the attention, sk_select_bn. Returns
+    (out, logits, state)."""
+    s, state = ops.sk_fuse_bn(branches, weight, bias, eps)
+    logits = attention(s)
+    return ops.sk_select_bn(state, logits), logits, state
+
+
 def oracle(branches, attention, weight, bias):
-    """out, and the gradient function, of nn.BatchNorm2d (training) + ReLU + the reference in float64."""
+    """out, logits and the leaves (requiring grad) of nn.BatchNorm2d (training) + ReLU + the reference in
+    float64."""
     ys = [as_float64(u) for u in branches]
     attention64 = attention.float64()
     C = ys[0].shape[1]
@@ -67,35 +81,52 @@ def oracle(branches, attention, weight, bias):
                 bn.weight.copy_(weight[m])
                 bn.bias.copy_(bias[m])
     values = [torch.relu(bn(y)) for bn, y in zip(norms, ys)]
-    out = reference.sk_select(values, attention64(reference.sk_fuse(values)))
-    leaves = ys + attention64.leaves()
+    logits = attention64(reference.sk_fuse(values))
+    out = reference.sk_select(values, logits)
+    leaves = ys + [leaf for leaf in attention64.leaves() if leaf.requires_grad]
     if weight is not None:
         leaves += [bn.weight for bn in norms] + [bn.bias for bn in norms]
-    return out, leaves, norms
+    return out, logits, leaves
 
 
-def run_and_check(branches, attention, weight, bias, dtype, monkeypatch):
-    """Forward and every gradient of sk_fuse_select_bn against the oracle; returns the output."""
-    expected, leaves64, norms = oracle(branches, attention, weight, bias)
-    grad_out = torch.randn(expected.shape, device=DEVICE).to(dtype)
-    inputs = branches + attention.leaves() + ([weight, bias] if weight is not None else [])
+# Which outputs of the unit the loss reaches: select's output, the attention's logits (computed from fuse's
+# s), or both. Through the kernels each is its own backward pass.
+REACHES = {"out": ("out",), "logits": ("logits",), "both": ("out", "logits")}
+
+
+def run_and_check(branches, attention, weight, bias, dtype, monkeypatch, reaches=("out",)):
+    """Forward and every gradient of sk_fuse_bn + sk_select_bn against the oracle, with a loss that reaches
+    the outputs named in ``reaches``; returns the output."""
+    expected, expected_logits, leaves64 = oracle(branches, attention, weight, bias)
+    M = len(branches)
+    names = [f"Y_{m}" for m in range(M)] + [name for name, leaf in attention.named_leaves() if leaf.requires_grad]
+    inputs = branches + [leaf for leaf in attention.leaves() if leaf.requires_grad]
+    if weight is not None:
+        names += ["BN weight", "BN bias"]
+        inputs += [weight, bias]
     with poisoned_allocations(monkeypatch):
-        out, mean, var = ops.sk_fuse_select_bn(branches, attention, weight, bias, EPS)
-        grads = torch.autograd.grad(out, inputs, grad_out)
+        out, logits, state = fuse_select_bn(branches, attention, weight, bias)
+        grad_outputs = {"out": torch.randn(out.shape, device=DEVICE).to(out.dtype),
+                        "logits": torch.randn(logits.shape, device=DEVICE).to(logits.dtype)}
+        outputs = {"out": out, "logits": logits}
+        grads = torch.autograd.grad([outputs[r] for r in reaches], inputs, [grad_outputs[r] for r in reaches])
 
+    mean, var = state.mean, state.var
     assert out.dtype == dtype and mean.dtype == var.dtype == torch.float32
     assert not mean.requires_grad and not var.requires_grad
     assert_close(out, expected, dtype, "output")
-    ys = leaves64[: len(branches)]
+    ys = leaves64[:M]
     assert_close(mean, torch.stack([y.mean((0, 2, 3)) for y in ys]), torch.float32, "batch mean")
     assert_close(var, torch.stack([y.var((0, 2, 3), unbiased=False) for y in ys]), torch.float32, "batch variance")
-    expected_grads = list(torch.autograd.grad(expected, leaves64, as_float64(grad_out)))
+    expected_outputs = {"out": expected, "logits": expected_logits}
+    expected_grads = list(torch.autograd.grad(
+        [expected_outputs[r] for r in reaches], leaves64, [as_float64(grad_outputs[r]) for r in reaches]
+    ))
     if weight is not None:  # the oracle's BatchNorm parameters are per branch: stack them as [M, C]
-        M = len(branches)
         expected_grads[-2 * M:] = [torch.stack(expected_grads[-2 * M:-M]), torch.stack(expected_grads[-M:])]
-    names = [f"Y_{m}" for m in range(len(branches))] + ["logits", "attention weight", "BN weight", "BN bias"]
-    for name, grad, want, leaf in zip(names, grads, expected_grads, inputs):
+    for name, grad, want, leaf in zip(names, grads, expected_grads, inputs, strict=True):
         assert grad.dtype == leaf.dtype, name
+        assert want.abs().max() > 0, f"{name}: the case should give it a gradient"
         assert_close(grad, want, leaf.dtype if leaf.dtype != torch.float32 else dtype, f"gradient of {name}")
     return out
 
@@ -120,6 +151,20 @@ def test_half_precision_under_autocast(dtype, monkeypatch):
         run_and_check(branches, LinearAttention(shape[0], M, shape[1]), weight, bias, dtype, monkeypatch)
 
 
+@pytest.mark.parametrize("reaches", list(REACHES))
+def test_gradients_whichever_output_the_loss_reaches(reaches, monkeypatch):
+    # Through the logits alone, select's backward never runs: fuse's must still give every gradient. Through
+    # out alone (the attention's parameters constants), the branches' gradient still flows through s too.
+    shape, M = (2, 8, 4, 5), 2
+    branches = make_branches(shape, M, torch.float32, channels_last=True, stacked=False)
+    weight, bias = make_affine(M, shape[1], affine=True)
+    attention = LinearAttention(shape[0], M, shape[1])
+    if reaches == "out":
+        for leaf in attention.leaves():
+            leaf.requires_grad_(False)
+    run_and_check(branches, attention, weight, bias, torch.float32, monkeypatch, REACHES[reaches])
+
+
 def test_without_affine_parameters(monkeypatch):
     shape, M = (2, 10, 3, 6), 3
     branches = make_branches(shape, M, torch.float32, channels_last=False, stacked=False)
@@ -138,13 +183,35 @@ def test_many_splits(min_programs, monkeypatch):
     run_and_check(branches, LinearAttention(shape[0], M, shape[1]), weight, bias, torch.float32, monkeypatch)
 
 
+@pytest.mark.parametrize("path", ["kernels", "reference"])
+@pytest.mark.parametrize("stacked", [False, True], ids=["list", "stacked"])
+def test_empty_batch(path, stacked, monkeypatch):
+    if path == "reference":
+        monkeypatch.setattr(device, "INTERPRETED", False)
+    where = DEVICE if path == "kernels" else torch.device("cpu")
+    M, C = 3, 6
+    branches = make_branches((0, C, 3, 4), M, torch.float32, True, stacked)
+    weight, bias = (t.detach().to(where).requires_grad_() for t in make_affine(M, C, affine=True))
+    branches = branches.to(where) if stacked else [u.to(where) for u in branches]
+    attention = torch.randn(C, M * C, device=where, requires_grad=True)
+    s, state = ops.sk_fuse_bn(branches, weight, bias)
+    logits = (s @ attention).view(0, M, C)
+    out = ops.sk_select_bn(state, logits)
+    assert s.shape == (0, C) and out.shape == (0, C, 3, 4) and out.dtype == torch.float32
+    assert state.mean.shape == state.var.shape == (M, C) and state.mean.isnan().all(), "no values, no mean"
+    leaves = ([branches] if stacked else branches) + [weight, bias, attention]
+    grads = torch.autograd.grad(out.sum() + logits.sum(), leaves)
+    assert [g.shape for g in grads] == [t.shape for t in leaves]
+    assert all(not g.any() for g in grads[-3:]), "no images, no gradient of the parameters"
+
+
 def test_one_value_per_channel_is_refused_as_batchnorm_refuses_it():
     branches = make_branches((1, 6, 1, 1), 2, torch.float32, channels_last=False, stacked=False)
     message = "Expected more than 1 value per channel when training"
     with pytest.raises(ValueError, match=message):
         nn.BatchNorm2d(6)(branches[0])
     with pytest.raises(ValueError, match=message):
-        ops.sk_fuse_select_bn(branches, LinearAttention(1, 2, 6))
+        ops.sk_fuse_bn(branches)
     unit = SKConv(6, 6, groups=2).train()
     with pytest.raises(ValueError, match=message):
         unit(torch.randn(1, 6, 1, 1, device=DEVICE))
@@ -158,13 +225,13 @@ def test_one_value_per_channel_is_refused_as_batchnorm_refuses_it():
 def fused_calls(monkeypatch):
     """How many times SKConv ran the fused training path."""
     calls = []
-    original = ops.sk_fuse_select_bn
+    original = ops.sk_fuse_bn
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(ops, "sk_fuse_select_bn", counting)
+    monkeypatch.setattr(ops, "sk_fuse_bn", counting)
     return calls
 
 
@@ -227,7 +294,7 @@ def test_layer_variants(case, fused_calls):
     kwargs = {"affine_false": dict(affine=False), "no_running_stats_eval": dict(track_running_stats=False)}[case]
     unit, _ = sk_unit(M=3, norm_layer=functools.partial(nn.BatchNorm2d, **kwargs))
     unit.train(case == "affine_false")
-    exact = assert_training_step_matches(unit, torch.randn(2, 8, 5, 5, device=DEVICE))
+    exact = assert_training_step_matches(unit, torch.randn(TRAINING_BATCH, 8, 5, 5, device=DEVICE))
     assert len(fused_calls) == 1
     assert_buffers_match(unit, exact)
 
@@ -246,7 +313,7 @@ def test_other_norm_layers_stay_separate_ops(fused_calls):
     assert fused_calls == []
     synced = nn.SyncBatchNorm.convert_sync_batchnorm(sk_unit()[0]).train()
     assert type(synced.paths[0].bn) is nn.SyncBatchNorm
-    assert not synced._normalises_with_batch_statistics(x)
+    assert unit_path(synced.to(DEVICE), x) is UnitPath.OPS
 
 
 def test_backward_keeps_no_normalised_branch():
@@ -258,7 +325,7 @@ def test_backward_keeps_no_normalised_branch():
     bias = torch.stack([path.bn.bias for path in unit.paths])
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out, _, _ = ops.sk_fuse_select_bn(branches, unit.attn, weight, bias)
+        out, _, _ = fuse_select_bn(branches, unit.attn, weight, bias)
     large = {t.untyped_storage().data_ptr() for t in saved if t.numel() >= out.numel()}
     assert large == {u.untyped_storage().data_ptr() for u in branches}, "only the raw branches Y_m, no normalised copy"
     # The rest: the [5, M, C] statistics, the logits [B, M, C], and the attention's own weights and activations.
@@ -277,7 +344,7 @@ def test_compiles_to_one_graph_in_training(fused_calls):
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
 
     compiled = torch.compile(unit, fullgraph=True, backend=recorder)
-    exact = assert_training_step_matches(unit, torch.randn(2, 8, 4, 4, device=DEVICE), compiled)
+    exact = assert_training_step_matches(unit, torch.randn(TRAINING_BATCH, 8, 4, 4, device=DEVICE), compiled)
     assert len(graphs) == 1 and len(fused_calls) == 1
     targets = {str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"}
     assert {"sknet_triton.sk_fuse_bn_train", "sknet_triton.sk_select_bn_train"} <= targets, targets
@@ -288,7 +355,8 @@ def test_model_trains_through_the_kernels(fused_calls):
     model = randomize_batchnorm(create_model("sknet_tiny", num_classes=10)).to(DEVICE).train()
     baseline = set_backend(copy.deepcopy(model), "torch")
     exact = copy.deepcopy(baseline).double()
-    x, target = torch.randn(2, 3, 32, 32, device=DEVICE), torch.randint(0, 10, (2,), device=DEVICE)
+    x = torch.randn(TRAINING_BATCH, 3, 32, 32, device=DEVICE)
+    target = torch.randint(0, 10, (TRAINING_BATCH,), device=DEVICE)
     grads = {}
     for m, inputs in ((model, x), (baseline, x), (exact, x.double())):
         loss = F.cross_entropy(m(inputs), target)

@@ -20,6 +20,7 @@ from sknet_triton.blocks import SKBasicBlock, make_stage
 from sknet_triton.models import PRETRAINED, SKResNet
 from tests.helpers import DEVICE, requires_kernels
 from tests.model_helpers import (
+    TRAINING_BATCH,
     assert_as_accurate_as,
     assert_close_relative,
     assert_grads_as_accurate_as,
@@ -361,7 +362,7 @@ def small_model_on_device():
 @requires_kernels
 def test_kernels_end_to_end():
     model, reference, exact = small_model_on_device()
-    x, target = images().to(DEVICE), torch.randint(0, NUM_CLASSES, (2,), device=DEVICE)
+    x, target = images(TRAINING_BATCH).to(DEVICE), torch.randint(0, NUM_CLASSES, (TRAINING_BATCH,), device=DEVICE)
     loss, grads = train_step_grads(model.train(), x, target)
     expected_loss, expected_grads = train_step_grads(reference.train(), x, target)
     _, exact_grads = train_step_grads(exact.train(), x.double(), target)
@@ -378,7 +379,7 @@ def test_kernels_compile_to_one_graph_for_any_batch_size(training):
     compiler_calls = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, backend=compiler_calls, fullgraph=True, dynamic=True)
     with torch.set_grad_enabled(training):
-        for batch in (2, 3):
+        for batch in (TRAINING_BATCH, TRAINING_BATCH + 1):
             x = images(batch).to(DEVICE)
             logits, expected = compiled(x), reference(x)
             assert_close_relative(logits, expected)
@@ -386,7 +387,7 @@ def test_kernels_compile_to_one_graph_for_any_batch_size(training):
                 logits.sum().backward()
                 expected.sum().backward()
                 exact(x.double()).sum().backward()
-            if batch == 2:
+            if batch == TRAINING_BATCH:
                 # Dynamo may restart its analysis once (calling the backend again) to specialize floats.
                 calls_for_first_batch = compiler_calls.frame_count
     assert compiler_calls.frame_count == calls_for_first_batch, "recompiled for a new batch size"

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from sknet_triton import launch, ops, reference
+from sknet_triton import device, graph_ops, launch, ops, reference
 
 
 def good(B=2, M=2, C=6, H=3, W=4, dtype=torch.float32):
@@ -17,6 +17,8 @@ def good(B=2, M=2, C=6, H=3, W=4, dtype=torch.float32):
 def cases():
     branches, logits = good()
     u = branches[0]
+    values, mean, var = reference.batch_norm_relu(branches)
+    state = ops.BatchNormBranches(branches, mean, var, None, None, values)  # as sk_fuse_bn's reference path gives it
     return {
         "not_a_sequence": (lambda: ops.sk_fuse("branches"), TypeError, "list or tuple"),
         "not_a_tensor": (lambda: ops.sk_fuse([u, 3.0]), TypeError, "branch 1 must be a Tensor"),
@@ -51,6 +53,13 @@ def cases():
             "scale requires grad",
         ),
         "relu_not_bool": (lambda: ops.sk_fuse(branches, relu=1), TypeError, "relu must be a bool"),
+        "bn_weight_shape": (lambda: ops.sk_fuse_bn(branches, torch.ones(6)), ValueError, "weight must be [M, C]"),
+        "bn_eps_int": (lambda: ops.sk_fuse_bn(branches, eps=0), TypeError, "eps must be a float"),
+        "bn_one_value": (
+            lambda: ops.sk_fuse_bn([u[:1, :, :1, :1]] * 2), ValueError, "Expected more than 1 value per channel"
+        ),
+        "bn_state_not_state": (lambda: ops.sk_select_bn(branches, logits), TypeError, "what sk_fuse_bn returned"),
+        "bn_logits_shape": (lambda: ops.sk_select_bn(state, logits[:, :, :5]), ValueError, "logits must be [B, M, C]"),
     }
 
 
@@ -61,7 +70,7 @@ def no_kernel_launches(monkeypatch):
     def launched(*args, **kwargs):
         raise AssertionError("a kernel was launched before the input was rejected")
 
-    for name in ("fuse_forward", "fuse_relu_backward", "select_forward", "select_backward"):
+    for name in ("fuse_forward", "fuse_relu_backward", "select_forward", "select_backward", "batch_norm_train_forward"):
         monkeypatch.setattr(launch, name, launched)
 
 
@@ -80,8 +89,21 @@ def test_scale_without_grad_mode_is_accepted():
     torch.testing.assert_close(out, reference.sk_select(branches, logits, scale.detach()))
 
 
+def test_one_device_rule():
+    # The interpreter is what the kernels were defined as; every view of the rule agrees with it.
+    from sknet_triton.kernels import split
+
+    assert device.INTERPRETED is bool(split.INTERPRETED.value) and launch.INTERPRETED is device.INTERPRETED
+    assert ops.uses_triton is device.uses_triton and ops.kernel_path is device.kernel_path
+    assert graph_ops.KERNEL_DEVICE_TYPES is device.KERNEL_DEVICE_TYPES
+    for kind in ("cpu", "cuda", "meta"):
+        assert (kind in device.KERNEL_DEVICE_TYPES) == device.uses_triton(torch.device(kind))
+    assert device.uses_triton(torch.device("cuda")) and not device.uses_triton(torch.device("meta"))
+    assert device.uses_triton(torch.device("cpu")) == device.INTERPRETED
+
+
 def test_cpu_tensors_without_interpreter_use_the_reference(monkeypatch, no_kernel_launches):
-    monkeypatch.setattr(launch, "INTERPRETED", False)
+    monkeypatch.setattr(device, "INTERPRETED", False)
     assert ops.kernel_path(torch.device("cpu")) == "reference"
     branches = [torch.randn(2, 6, 3, 3, requires_grad=True) for _ in range(3)]
     logits = torch.randn(2, 3, 6, requires_grad=True)
@@ -97,6 +119,7 @@ def test_cpu_tensors_without_interpreter_use_the_reference(monkeypatch, no_kerne
 
 
 def test_cuda_without_the_triton_package_falls_back_and_says_so_once(monkeypatch):
+    monkeypatch.setattr(device, "TRITON_INSTALLED", False)
     monkeypatch.setattr(ops, "launch", None)
     monkeypatch.setattr(ops, "_warned_no_triton", False)
     cuda = torch.device("cuda")
@@ -114,3 +137,23 @@ def test_the_kernels_take_as_many_branches_as_the_ops_allow():
     assert kernels.MAX_BRANCHES == ops.MAX_BRANCHES
     pointers = [name for name in launch.FAMILIES["select_bwd"].kernel.arg_names if re.fullmatch(r"u\d_ptr", name)]
     assert len(pointers) == ops.MAX_BRANCHES
+
+
+def test_split_geometry_problem_names_what_is_not_the_split_kernels():
+    paper = dict(kernel_sizes=[(3, 3)] * 3, strides=[(2, 2)] * 3, dilations=[(1, 1), (2, 2), (3, 3)],
+                 paddings=[(1, 1), (2, 2), (3, 3)])
+    assert ops.split_geometry_problem(**paper) is None
+    assert ops.split_geometry_problem([(3, 3)] * 2, [1, 1]) is None  # sk_split's own dilations and paddings
+    problems = {
+        "needs 2 to 4 branches, got 1": dict(paper, kernel_sizes=[(3, 3)]),
+        "needs 2 to 4 branches, got 5": dict(paper, kernel_sizes=[(3, 3)] * 5),
+        "weight must be 3x3 per branch, got 5x5 in branch 1": dict(paper, kernel_sizes=[(3, 3), (5, 5), (3, 3)]),
+        "branch 2 must have dilation 3, got (2, 2)": dict(paper, dilations=[(1, 1), (2, 2), (2, 2)]),
+        "branch 0 must have padding 1, got (0, 0)": dict(paper, paddings=[(0, 0), (2, 2), (3, 3)]),
+        "stride must be 1 or 2, got (3, 3)": dict(paper, strides=[(3, 3)] * 3),
+        "stride must be 1 or 2, got (1, 2)": dict(paper, strides=[(1, 2)] * 3),
+        "stride must be 1 or 2, got True": dict(paper, strides=[True] * 3),
+        "the branches' strides differ: [(1, 1), (2, 2), (2, 2)]": dict(paper, strides=[(1, 1), (2, 2), (2, 2)]),
+    }
+    for problem, geometry in problems.items():
+        assert ops.split_geometry_problem(**geometry) == problem

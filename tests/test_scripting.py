@@ -19,6 +19,7 @@ from sknet_triton import SKConv, accelerate, create_model, graph_ops, list_model
 from sknet_triton.layers import _batchnorm_affine
 from tests.helpers import DEVICE, requires_kernels
 from tests.model_helpers import (
+    TRAINING_BATCH,
     assert_close_relative,
     assert_grads_as_accurate_as,
     randomize_batchnorm,
@@ -61,8 +62,9 @@ def case(request):
 
 
 def images(batch: int = 2, size: int = 32) -> torch.Tensor:
-    """Fresh random images [batch, 3, size, size], channels_last, on DEVICE (one batch size throughout,
-    so that the CPU's convolutions are set up once per model)."""
+    """Fresh random images [batch, 3, size, size], channels_last, on DEVICE (one batch size throughout but
+    where a training step through the kernels is judged, so that the CPU's convolutions are set up once per
+    model)."""
     return torch.randn(batch, 3, size, size, device=DEVICE).contiguous(memory_format=torch.channels_last)
 
 
@@ -134,7 +136,9 @@ def test_fx_backward_matches_eager_and_reaches_every_parameter(case):
     model = copy.deepcopy(case.model).train()
     graph = torch.fx.symbolic_trace(model)  # holds model's own modules and parameters
     assert_one_node_per_op(graph, model)
-    x, target = images(), torch.randint(0, NUM_CLASSES, (2,), device=DEVICE)
+    # On the "torch" backend the graph and the eager model compute alike, bitwise: the CPU's usual batch will do.
+    batch = TRAINING_BATCH if uses_auto(model) else 2
+    x, target = images(batch), torch.randint(0, NUM_CLASSES, (batch,), device=DEVICE)
 
     def train_step(network):
         model.zero_grad(set_to_none=True)

@@ -1,0 +1,44 @@
+"""Which devices run the Triton kernels: the one rule every dispatch asks.
+
+CUDA tensors run the kernels, and CPU tensors too where Triton interprets them (``TRITON_INTERPRET=1`` set
+before the kernels were defined); every other device, and every device without the triton package, runs
+the plain-PyTorch reference. Whether the kernels are interpreted is what the kernel package itself was
+defined as (``kernels/split.py`` reads it inside its kernel), so the host never guesses it again.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+__all__ = ["TRITON_INSTALLED", "INTERPRETED", "KERNEL_DEVICE_TYPES", "uses_triton", "kernel_path"]
+
+# Triton is published for Linux only: without the package every device runs the reference.
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+if TRITON_INSTALLED:
+    from sknet_triton.kernels.split import INTERPRETED as _KERNELS_INTERPRETED
+
+    INTERPRETED = bool(_KERNELS_INTERPRETED.value)
+else:
+    INTERPRETED = False
+
+
+def uses_triton(device: torch.device) -> bool:
+    """Whether tensors on ``device`` run the Triton kernels rather than the plain-PyTorch reference."""
+    if not TRITON_INSTALLED:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and INTERPRETED)
+
+
+def kernel_path(device: torch.device) -> str:
+    """What the ops run for tensors on ``device``: "triton", "triton-interpreter" or "reference"."""
+    if not uses_triton(device):
+        return "reference"
+    return "triton-interpreter" if INTERPRETED else "triton"
+
+
+# The device types whose tensors run the kernels, for TorchScript (which cannot call uses_triton): the rule
+# asked for each device type Triton runs on. Its answer depends only on the device type and on what is
+# fixed at import, so this never disagrees with it.
+KERNEL_DEVICE_TYPES = tuple(t for t in ("cpu", "cuda") if uses_triton(torch.device(t)))
