@@ -42,10 +42,6 @@ def train(args: argparse.Namespace) -> None:
 
     Raises TrainingError for bad data, options or checkpoints, and Interrupted on Ctrl-C.
     """
-    try:
-        import timm  # noqa: F401  (the recipe's components)
-    except ImportError:
-        raise TrainingError("the trainer needs timm: pip install 'sknet_triton[train]'") from None
     context = distributed.init()
     saved = _SavedCheckpoint()
     try:
@@ -143,9 +139,9 @@ def _train(args: argparse.Namespace, context: distributed.Context, saved: _Saved
                 "rng": rng_states,
                 "history": history,
             })
+            saved.path, saved.epoch = checkpoint_path, epoch + 1
             write_csv(os.path.join(settings.output, CSV_FILENAME), history)
             tqdm.write(describe(history[-1], settings.epochs))
-        saved.path, saved.epoch = checkpoint_path, epoch + 1
     if context.is_main and context.distributed and stop_epoch > start_epoch:
         tqdm.write(f"weights identical on all {context.world_size} processes after every epoch")
     if context.is_main and stop_epoch < settings.epochs:
