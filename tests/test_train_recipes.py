@@ -23,6 +23,7 @@ from sknet_triton.training.data import Augmentation, EpochSeeded, build_datasets
 from sknet_triton.training.errors import DataError, TrainingError
 from sknet_triton.training.loop import _correct
 from sknet_triton.training.options import OPTIMIZERS, build_parser, parse_args, resolve
+from sknet_triton.training.presets import PRESETS
 from sknet_triton.training.recipe import build_optimizer, build_scheduler, updates_per_epoch
 from sknet_triton.training.report import describe
 from tests.test_train import TINY, assert_one_line_error, read_log, run_trainer, trainer_environment, write_image_folders
@@ -149,6 +150,20 @@ def test_eval_only_needs_weights_to_evaluate(capsys):
             parse_args([*TINY, "--eval-only", *extra])
         assert exit_status.value.code == 2
         assert "--eval-only evaluates either --resume CHECKPOINT or --pretrained weights" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_a_recipe_sets_defaults_that_options_given_override(name):
+    options = PRESETS[name].options
+    defaults = vars(parse_args(list(TINY)))
+    chosen = vars(parse_args([*TINY, "--recipe", name]))
+    assert {key: chosen[key] for key in options} == options
+    assert any(defaults[key] != value for key, value in options.items())  # it changes something
+    assert {key: value for key, value in chosen.items() if key not in options and key != "recipe"} == {
+        key: value for key, value in defaults.items() if key not in options and key != "recipe"
+    }
+    overridden = vars(parse_args([*TINY, "--recipe", name, "--epochs", "7", "--weight-decay", "0.3"]))
+    assert overridden["epochs"] == 7 and overridden["weight_decay"] == 0.3
 
 
 def test_options_out_of_range_are_usage_errors(capsys):
@@ -299,9 +314,10 @@ def test_timm_policies_on_image_folders_repeat_per_seed_epoch_and_index(tmp_path
 
 
 def test_every_option_that_shapes_training_must_match_on_resume():
-    # The others: where data and output live, speed (memory format, compilation, workers), and what this
-    # invocation does (resume, stop, evaluate).
+    # The others: where data and output live, speed (memory format, compilation, workers), what this
+    # invocation does (resume, stop, evaluate), and the recipe, which acts through the options it sets.
     shaping = {action.dest for action in build_parser()._actions} - {
         "help", "data", "channels_last", "compile", "workers", "output", "resume", "stop_after_epoch", "eval_only",
+        "recipe",
     }
     assert shaping <= set(run.SAME_RUN_KEYS)

@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 from sknet_triton import list_models
 from sknet_triton.training.checkpoint import FILENAME as CHECKPOINT_FILENAME
 from sknet_triton.training.data import SYNTHETIC_CLASSES
+from sknet_triton.training.presets import PRESETS
 
 __all__ = ["AMP_DTYPES", "OPTIMIZERS", "SCHEDULES", "build_parser", "parse_args", "resolve"]
 
@@ -53,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
             "  torchrun --nproc_per_node=8 -m sknet_triton.train --model sknet50 --data /data/imagenet"
         ),
     )
+    parser.add_argument("--recipe", choices=tuple(PRESETS), default=None,
+                        help="start from a published recipe's options (any option given overrides them): "
+                             + "; ".join(f"{name}: {preset.description}" for name, preset in PRESETS.items()))
     parser.add_argument("--model", required=True, choices=list_models(), metavar="NAME",
                         help=f"network to train: {', '.join(list_models())}")
     parser.add_argument("--data", default="synthetic", metavar="PATH|synthetic",
@@ -150,8 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """The command line, checked; exits with a usage message (status 2) on bad input."""
+    """The command line, checked; exits with a usage message (status 2) on bad input.
+
+    ``--recipe NAME`` replaces the defaults by the recipe's options before the command line is read.
+    """
     parser = build_parser()
+    recipe = argparse.ArgumentParser(add_help=False)
+    recipe.add_argument("--recipe", choices=tuple(PRESETS), default=None)
+    chosen, _ = recipe.parse_known_args(argv)
+    if chosen.recipe is not None:
+        parser.set_defaults(**PRESETS[chosen.recipe].options)
     args = parser.parse_args(argv)
     if args.warmup_epochs is not None and args.warmup_epochs >= args.epochs:
         parser.error(f"--warmup-epochs ({args.warmup_epochs:g}) must be less than --epochs ({args.epochs})")
