@@ -62,7 +62,12 @@ class _SavedCheckpoint:
         self.current = 0  # the epoch being trained, from 1; 0 before the first
 
     def interruption_message(self) -> str:
-        where = f"interrupted in epoch {self.current}/{self.epochs}" if self.current else "interrupted before training"
+        if not self.current:
+            where = "interrupted before training"
+        elif self.epoch >= self.current:  # between the checkpoint's writing and the next epoch
+            where = f"interrupted after epoch {self.epoch}/{self.epochs}"
+        else:
+            where = f"interrupted in epoch {self.current}/{self.epochs}"
         if self.path is None:
             return f"{where}; no checkpoint was written yet: start the run again"
         return f"{where}; {self.path} (epoch {self.epoch}) is intact: run the same command with --resume to continue"
