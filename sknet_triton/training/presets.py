@@ -24,9 +24,11 @@ PRESETS = {
     "paper": Preset(
         description=(
             "the SKNet paper's ImageNet training of SKNet-50 (--model sknet50; Li et al., CVPR 2019: 20.79 %% "
-            "top-1 error, single 224x224 crop): SGD with momentum 0.9, weight decay 1e-4, a global batch of 256 "
-            "at lr 0.1 divided by 10 every 30 epochs for 100 epochs, random crops and flips, label smoothing. "
-            "The paper does not give the smoothing's epsilon: 0.1 here, that of the label-smoothing paper it cites"
+            "top-1 error, single 224x224 crop): SGD with momentum 0.9, weight decay 1e-4 and a global batch of "
+            "256, random crops and flips (SENet's augmentation, which the authors' code follows), label "
+            "smoothing. Not confirmed from the paper's text: its learning-rate schedule, here the standard "
+            "ResNet one (lr 0.1, divided by 10 every 30 epochs, 100 epochs), and the smoothing's epsilon, here "
+            "0.1, that of the label-smoothing paper it cites"
         ),
         options=dict(
             opt="sgd", lr=0.1, weight_decay=1e-4, sched="step", decay_epochs=30.0, decay_rate=0.1, epochs=100,
