@@ -25,7 +25,6 @@ from sknet_triton import train
 from sknet_triton.training import checkpoint, distributed
 from sknet_triton.training.data import SYNTHETIC_CLASSES, EpochSeeded, ShardSampler, SyntheticScales, load_rgb_image
 from sknet_triton.training.errors import CheckpointError, DataError
-from sknet_triton.training.loop import warmup_cosine
 from sknet_triton.training.options import build_parser
 from sknet_triton.training.report import CSV_FILENAME
 
@@ -33,13 +32,19 @@ TINY = ("--model", "sknet_tiny", "--data", "synthetic", "--img-size", "32")
 TIMING_COLUMNS = ("images_per_s", "epoch_s")
 
 
-def run_trainer(*args: str, processes: int | None = None) -> subprocess.CompletedProcess:
-    """``python -m sknet_triton.train ARGS``, or under torchrun with ``processes`` processes; on the CPU."""
+def trainer_environment() -> dict:
+    """The environment of a trainer subprocess: the CPU's plain-PyTorch path."""
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path: deterministic, and gloo for any number of processes
     # One compute thread per process: OpenMP threads that wait on each other crawl when the cores are
     # shared (with a loader worker, another rank, other jobs).
     env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def run_trainer(*args: str, processes: int | None = None) -> subprocess.CompletedProcess:
+    """``python -m sknet_triton.train ARGS``, or under torchrun with ``processes`` processes; on the CPU."""
+    env = trainer_environment()
     if processes is None:
         command = [sys.executable, "-m", "sknet_triton.train"]
     else:
@@ -83,10 +88,12 @@ def test_learns_the_synthetic_scales(tmp_path):
 
 
 def test_two_processes_hold_identical_weights(tmp_path):
-    # 32 images, 2 processes, batch 8: two steps each.
+    # 32 images, 2 processes, batch 8: two steps each, accumulated into one update (DDP's no_sync on the
+    # first), with cutmix drawing per process and an EMA.
     output = tmp_path / "run"
     result = run_trainer(
         *TINY, "--synthetic-size", "32", "--epochs", "1", "--batch-size", "8", "--workers", "0", "--output", str(output),
+        "--opt", "lamb", "--accum-steps", "2", "--cutmix", "1.0", "--model-ema",
         processes=2,
     )
     assert result.returncode == 0, result.stderr
@@ -96,9 +103,19 @@ def test_two_processes_hold_identical_weights(tmp_path):
     assert result.stdout.count("epoch 1/1  lr") == 1  # only rank 0 reports
     state = checkpoint.load(str(output / checkpoint.FILENAME))
     assert state["epoch"] == 1 and state["settings"]["world_size"] == 2 and len(state["rng"]) == 2
+    # cutmix's draws differ between the processes: their NumPy generators were seeded apart.
+    assert not torch.equal(state["rng"][0]["numpy"][1], state["rng"][1]["numpy"][1])
 
 
-RESUME_RUN = (*TINY, "--synthetic-size", "256", "--epochs", "3", "--batch-size", "32", "--lr", "0.1", "--warmup-epochs", "1")
+# Every option that draws random numbers or keeps state across epochs: the schedule (warm-up, steps), the
+# optimiser's moments, accumulation, clipping, mixup/cutmix and random erasing (NumPy's, Python's and
+# torch's generators), the EMA.
+RESUME_RUN = (
+    *TINY, "--synthetic-size", "256", "--epochs", "3", "--batch-size", "32", "--lr", "0.01", "--warmup-epochs", "1",
+    "--opt", "adamw", "--sched", "step", "--decay-epochs", "1", "--accum-steps", "3", "--clip-grad", "1.0",
+    "--label-smoothing", "0.1", "--mixup", "0.2", "--cutmix", "1.0", "--reprob", "0.25", "--model-ema",
+    "--model-ema-decay", "0.9",
+)
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +132,10 @@ def test_stop_and_resume_equals_an_uninterrupted_run(uninterrupted_run, tmp_path
     first = run_trainer(*RESUME_RUN, "--workers", "1", "--output", str(output), "--stop-after-epoch", "1")
     assert first.returncode == 0, first.stderr
     assert checkpoint.load(str(output / checkpoint.FILENAME))["epoch"] == 1
+    assert first.stdout.strip().splitlines()[-1] == (
+        f"stopped after epoch 1/3 as asked; {output / checkpoint.FILENAME} holds it: run the same command with "
+        "--resume (and a later --stop-after-epoch, or none) to continue"
+    )
     second = run_trainer(*RESUME_RUN, "--workers", "1", "--output", str(output), "--resume")
     assert second.returncode == 0, second.stderr
     assert "resuming after epoch 1" in second.stdout
@@ -122,16 +143,36 @@ def test_stop_and_resume_equals_an_uninterrupted_run(uninterrupted_run, tmp_path
     expected = checkpoint.load(str(uninterrupted_run / checkpoint.FILENAME))
     resumed = checkpoint.load(str(output / checkpoint.FILENAME))
     assert resumed["epoch"] == expected["epoch"] == 3
-    for name, tensor in expected["model"].items():
-        assert torch.equal(resumed["model"][name], tensor), name
-    for index, buffers in expected["optimizer"]["state"].items():
-        assert torch.equal(resumed["optimizer"]["state"][index]["momentum_buffer"], buffers["momentum_buffer"])
-    assert resumed["scheduler"]["last_epoch"] == expected["scheduler"]["last_epoch"]
+    for weights in ("model", "model_ema"):
+        for name, tensor in expected[weights].items():
+            assert torch.equal(resumed[weights][name], tensor), (weights, name)
+    for index, moments in expected["optimizer"]["state"].items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(resumed["optimizer"]["state"][index][name], moments[name])
+    assert resumed["scheduler"] == expected["scheduler"]
+    assert not torch.equal(expected["model"]["fc.weight"], expected["model_ema"]["fc.weight"])
 
     def metrics(log):
         return [{key: value for key, value in row.items() if key not in TIMING_COLUMNS} for row in log]
 
     assert metrics(read_log(output)) == metrics(read_log(uninterrupted_run))
+
+
+def test_eval_only_reports_a_checkpoint_and_its_ema(uninterrupted_run):
+    row = read_log(uninterrupted_run)[-1]
+    before = {path: os.path.getmtime(uninterrupted_run / path) for path in os.listdir(uninterrupted_run)}
+    result = run_trainer(*RESUME_RUN, "--workers", "0", "--output", str(uninterrupted_run), "--eval-only", "--resume")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("EMA: "), result.stdout
+    for line, prefix in zip(lines, ("val", "ema_val")):
+        numbers = re.fullmatch(r"(?:EMA: )?val loss (\S+)  val top-1 (\S+)%  top-5 (\S+)%  \(64 images, .* s\)", line)
+        assert numbers, line
+        expected = [f"{float(row[f'{prefix}_{name}']):{spec}}" for name, spec in
+                    (("loss", ".4f"), ("top1", ".2f"), ("top5", ".2f"))]
+        assert list(numbers.groups()) == expected
+    # nothing written
+    assert {path: os.path.getmtime(uninterrupted_run / path) for path in os.listdir(uninterrupted_run)} == before
 
 
 def test_a_checkpoint_of_another_model_is_refused(uninterrupted_run):
@@ -167,15 +208,15 @@ def test_an_output_that_is_a_file_is_one_line_error(tmp_path, capsys, below_the_
     )
 
 
-def write_image_folders(root, images_per_class: int = 2) -> None:
-    """root/{train,val}/{a,b}/i.png: random 40x40 RGB images."""
+def write_image_folders(root, images_per_class: int = 2, classes: int = 2, size: tuple[int, int] = (40, 40)) -> None:
+    """root/{train,val}/{a,b,...}/i.png: random RGB images of ``size`` (height, width)."""
     from PIL import Image
 
     for split in ("train", "val"):
-        for name in ("a", "b"):
+        for name in "abcdefghijklmnopqrstuvwxyz"[:classes]:
             (root / split / name).mkdir(parents=True)
             for index in range(images_per_class):
-                pixels = (torch.rand(40, 40, 3) * 255).to(torch.uint8).numpy()
+                pixels = (torch.rand(*size, 3) * 255).to(torch.uint8).numpy()
                 Image.fromarray(pixels).save(root / split / name / f"{index}.png")
 
 
@@ -330,23 +371,14 @@ def test_shard_sampler_covers_every_index_once():
 
 
 # --------------------------------------------------------------------------------------------------------
-# Schedule, options, collectives.
-
-
-def test_warmup_then_cosine():
-    factor = warmup_cosine(warmup_steps=4, total_steps=12)
-    assert [factor(step) for step in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    decay = [factor(step) for step in range(4, 13)]
-    assert decay[0] == 1.0 and decay[-1] == pytest.approx(0.0, abs=1e-12)
-    assert all(later < earlier for earlier, later in zip(decay, decay[1:]))
+# Options, collectives.
 
 
 def test_help_documents_every_option():
     text = build_parser().format_help()
-    for option in ("--model", "--data", "--img-size", "--epochs", "--batch-size", "--lr", "--weight-decay", "--amp",
-                   "--channels-last", "--compile", "--sync-bn", "--workers", "--output", "--resume", "--seed",
-                   "--synthetic-size"):
-        assert option in text
+    for action in build_parser()._actions:
+        for option in action.option_strings:
+            assert option in text and action.help, option
 
 
 def _compare_replicas(rank: int, port: int, world_size: int) -> None:

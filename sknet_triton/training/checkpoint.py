@@ -7,6 +7,7 @@ import os
 import random
 from typing import Any, Callable, Iterable, Mapping, Optional
 
+import numpy as np
 import torch
 
 from sknet_triton.training.errors import CheckpointError
@@ -75,9 +76,13 @@ def check_same_run(path: str, saved: Mapping[str, Any], current: Mapping[str, An
 
 
 def rng_state() -> dict:
-    """This process's random generators: Python's, torch's CPU one, and its current CUDA device's."""
+    """This process's random generators: Python's, NumPy's global one (mixup's and cutmix's draws), torch's
+    CPU one, and its current CUDA device's."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     return {
         "python": random.getstate(),
+        # NumPy's state as a tensor and numbers: a checkpoint loads with weights_only, which refuses arrays.
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gaussian),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
     }
@@ -86,6 +91,8 @@ def rng_state() -> dict:
 def restore_rng_state(state: Mapping[str, Optional[Any]]) -> None:
     """Set the generators saved by :func:`rng_state`."""
     random.setstate(state["python"])
+    kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])

@@ -2,26 +2,30 @@
 
 Every random choice about a sample depends only on (seed, epoch, index), and the order of the samples only
 on (seed, epoch): the same images reach the model in the same order whatever the number of loader workers,
-and a resumed run sees exactly what an uninterrupted one would.
+and a resumed run sees exactly what an uninterrupted one would. The augmentations are timm's (its
+ImageNet transforms with RandAugment/AutoAugment, and random erasing); the synthetic textures take random
+erasing only, the policies being defined on photographs.
 """
 from __future__ import annotations
 
 import hashlib
 import math
 import os
+import random
 import struct
 from dataclasses import dataclass
+from typing import Callable, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from sknet_triton.models import IMAGENET_MEAN, IMAGENET_STD
 from sknet_triton.training.errors import DataError
 
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "SYNTHETIC_CLASSES", "Datasets", "SyntheticScales", "EpochSeeded",
-    "ShardSampler", "mix_seed", "build_datasets", "build_loaders", "set_epoch", "load_rgb_image",
+    "SYNTHETIC_CLASSES", "Augmentation", "Datasets", "SyntheticScales", "EpochSeeded", "ShardSampler", "mix_seed",
+    "build_datasets", "build_loaders", "set_epoch", "load_rgb_image",
 ]
 
 SYNTHETIC_CLASSES = 8
@@ -49,6 +53,9 @@ class SyntheticScales(Dataset):
     random, both drawn from (seed, epoch, index) (call :meth:`set_epoch` each epoch); validation images at
     the centre. Train and validation images come from separate streams of the same seed.
 
+    ``transform``, if given, maps each training image (float32 [3, img_size, img_size]) to another of the
+    same shape, drawing from the global generators (wrap the dataset in :class:`EpochSeeded`).
+
     Items: (image float32 [3, img_size, img_size], of roughly zero mean and unit variance; label int).
     """
 
@@ -57,7 +64,10 @@ class SyntheticScales(Dataset):
     BANDWIDTH = 0.12  # standard deviation of a wave's log-frequency around the image's
     WAVES = 48
 
-    def __init__(self, size: int, img_size: int, seed: int, train: bool, num_classes: int = SYNTHETIC_CLASSES):
+    def __init__(
+        self, size: int, img_size: int, seed: int, train: bool, num_classes: int = SYNTHETIC_CLASSES,
+        transform: Optional[Callable[[Tensor], Tensor]] = None,
+    ):
         if size < 1 or img_size < 8 or num_classes < 2:
             raise DataError(
                 f"synthetic data needs at least 1 image of 8x8 pixels and 2 classes, got {size} images "
@@ -68,6 +78,7 @@ class SyntheticScales(Dataset):
         self.seed = seed
         self.train = train
         self.num_classes = num_classes
+        self.transform = transform
         self.epoch = 0
         self.margin = max(img_size // 4, 2)
         spacing = math.log(self.MAX_WAVELENGTH / self.MIN_WAVELENGTH) / (num_classes - 1)
@@ -98,6 +109,8 @@ class SyntheticScales(Dataset):
             image = image.flip(1)
         if flip_columns:
             image = image.flip(2)
+        if self.transform is not None:
+            image = self.transform(image)
         return image, label
 
     def _image(self, label: int, g: torch.Generator, top: int, left: int) -> Tensor:
@@ -122,10 +135,11 @@ class SyntheticScales(Dataset):
 
 
 class EpochSeeded(Dataset):
-    """A dataset whose random transforms draw from (seed, epoch, index) instead of the global generator.
+    """A dataset whose random transforms draw from (seed, epoch, index) instead of the global generators.
 
-    torchvision's random transforms draw from torch's global generator, whose state depends on the loader
-    worker and on everything drawn before; seeding it per sample makes each augmentation reproducible.
+    torchvision's and timm's random transforms draw from torch's, Python's and NumPy's global generators,
+    whose states depend on the loader worker and on everything drawn before; seeding all three per sample
+    makes each augmentation reproducible, and restoring them afterwards leaves the caller's draws alone.
     """
 
     def __init__(self, dataset: Dataset, seed: int):
@@ -134,16 +148,26 @@ class EpochSeeded(Dataset):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Choose the augmentations of ``epoch``."""
+        """Choose the augmentations of ``epoch`` (and the wrapped dataset's own, if it has any)."""
         self.epoch = epoch
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(mix_seed(self.seed, _VIEWS, self.epoch, index))
-            return self.dataset[index]
+        sample_seed = mix_seed(self.seed, _VIEWS, self.epoch, index)
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed)
+                random.seed(sample_seed)
+                np.random.seed(sample_seed % 2**32)
+                return self.dataset[index]
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 class ShardSampler(Sampler[int]):
@@ -160,57 +184,98 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+@dataclass(frozen=True)
+class Augmentation:
+    """The training images' augmentation beyond crops and flips: ``auto_augment`` a RandAugment or
+    AutoAugment policy in timm's notation (ImageFolder data only), random erasing of probability
+    ``erase_prob`` with fill ``erase_mode`` (timm's ``const``, ``rand`` or ``pixel``)."""
+
+    auto_augment: Optional[str] = None
+    erase_prob: float = 0.0
+    erase_mode: str = "pixel"
+
+
 @dataclass
 class Datasets:
-    train: Dataset
+    train: Optional[Dataset]  # None when only validation was asked for
     val: Dataset
     num_classes: int
 
 
-def build_datasets(data: str, img_size: int, seed: int, synthetic_size: int) -> Datasets:
-    """The training and validation sets of ``data``: ``"synthetic"`` or an ImageFolder tree's root.
+def build_datasets(
+    data: str, pretrained_cfg: dict, img_size: int, seed: int, synthetic_size: int,
+    augmentation: Augmentation = Augmentation(), train: bool = True,
+) -> Datasets:
+    """The training (if ``train``) and validation sets of ``data``: ``"synthetic"`` or an ImageFolder tree's root.
 
     Synthetic: :class:`SyntheticScales`, ``synthetic_size`` training images and a quarter as many (at
-    least one per class) for validation. ImageFolder: ``data/train`` with RandomResizedCrop and horizontal
-    flips, ``data/val`` resized by 1 / 0.875 and centre-cropped; both normalised with ImageNet's statistics.
+    least one per class) for validation; random erasing applies to them, an ``auto_augment`` policy does
+    not (DataError). ImageFolder: ``data/train`` and ``data/val`` through timm's ImageNet transforms,
+    configured by the model's (or its weights') timm data configuration ``pretrained_cfg`` (interpolation,
+    crop fraction, mean and std) at ``img_size``: RandomResizedCrop, horizontal flip, the policy and
+    random erasing for training, a resize and centre crop for validation.
     """
     if data == "synthetic":
+        if augmentation.auto_augment:
+            raise DataError(
+                f"--aa {augmentation.auto_augment}: the policies apply to photographs (ImageFolder data), "
+                "not to --data synthetic"
+            )
         val_size = max(synthetic_size // 4, SYNTHETIC_CLASSES)
+        erase = _random_erasing(augmentation)
+        train_set = SyntheticScales(synthetic_size, img_size, seed, train=True, transform=erase)
         return Datasets(
-            train=SyntheticScales(synthetic_size, img_size, seed, train=True),
+            train=(EpochSeeded(train_set, seed) if erase is not None else train_set) if train else None,
             val=SyntheticScales(val_size, img_size, seed, train=False),
             num_classes=SYNTHETIC_CLASSES,
         )
-    return _image_folders(data, img_size, seed)
+    return _image_folders(data, pretrained_cfg, img_size, seed, augmentation, train)
 
 
-def _image_folders(root: str, img_size: int, seed: int) -> Datasets:
+def _random_erasing(augmentation: Augmentation):
+    """timm's RandomErasing for one image, or None if ``augmentation`` has none."""
+    if augmentation.erase_prob == 0:
+        return None
+    from timm.data.random_erasing import RandomErasing
+
+    return RandomErasing(augmentation.erase_prob, mode=augmentation.erase_mode, device="cpu")
+
+
+def image_transforms(pretrained_cfg: dict, img_size: int, augmentation: Augmentation = Augmentation()):
+    """timm's (training, validation) transforms of ImageFolder images at ``img_size``, for a model of timm data
+    configuration ``pretrained_cfg`` (``model.pretrained_cfg``, or :func:`sknet_triton.models.default_pretrained_cfg`)."""
+    from timm.data import create_transform, resolve_data_config
+
+    config = resolve_data_config({"input_size": (3, img_size, img_size)}, pretrained_cfg=pretrained_cfg)
+    train = create_transform(
+        **config, is_training=True, color_jitter=None, auto_augment=augmentation.auto_augment,
+        re_prob=augmentation.erase_prob, re_mode=augmentation.erase_mode,
+    )
+    return train, create_transform(**config, is_training=False)
+
+
+def _image_folders(
+    root: str, pretrained_cfg: dict, img_size: int, seed: int, augmentation: Augmentation, train: bool
+) -> Datasets:
     try:
-        from torchvision import datasets, transforms
+        from torchvision import datasets
     except ImportError:
         raise DataError(f"--data {root} needs torchvision (pip install torchvision); --data synthetic does not") from None
-    folders = {split: os.path.join(root, split) for split in ("train", "val")}
+    folders = {split: os.path.join(root, split) for split in (("train", "val") if train else ("val",))}
     missing = [path for path in folders.values() if not os.path.isdir(path)]
     if missing:
         raise DataError(
             f"--data {root}: no folder {' or '.join(missing)}; expected train/ and val/ with one folder of images per class"
         )
-    normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    train_transform = transforms.Compose([
-        transforms.RandomResizedCrop(img_size),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        normalize,
-    ])
-    val_transform = transforms.Compose([
-        transforms.Resize(round(img_size / 0.875)),
-        transforms.CenterCrop(img_size),
-        transforms.ToTensor(),
-        normalize,
-    ])
     try:
-        train = datasets.ImageFolder(folders["train"], train_transform, loader=load_rgb_image)
+        train_transform, val_transform = image_transforms(pretrained_cfg, img_size, augmentation)
+    except (AssertionError, ValueError, KeyError, IndexError) as error:  # timm's parser of policy strings
+        raise DataError(f"--aa {augmentation.auto_augment}: not a policy timm knows ({error})") from None
+    try:
         val = datasets.ImageFolder(folders["val"], val_transform, loader=load_rgb_image)
+        if not train:
+            return Datasets(train=None, val=val, num_classes=len(val.classes))
+        train = datasets.ImageFolder(folders["train"], train_transform, loader=load_rgb_image)
     except (FileNotFoundError, OSError) as error:  # an empty class folder, an unreadable tree
         raise DataError(f"--data {root}: {error}") from None
     if train.classes != val.classes:
@@ -247,18 +312,12 @@ def build_loaders(
     rank: int,
     world_size: int,
     pin_memory: bool,
-) -> tuple[DataLoader, DataLoader]:
+) -> tuple[Optional[DataLoader], DataLoader]:
     """Loaders of this rank's share: training shuffled by (seed, epoch) and cut into whole batches (every
-    rank runs the same number of steps), validation in order.
+    rank runs the same number of steps; None without a training set), validation in order.
 
     Call :func:`set_epoch` before each training epoch.
     """
-    train_sampler = DistributedSampler(datasets.train, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-    if len(train_sampler) < batch_size:
-        raise DataError(
-            f"each of {world_size} process(es) gets {len(train_sampler)} of the {len(datasets.train)} training "
-            f"images, less than one batch of {batch_size}: use a smaller --batch-size, or more images"
-        )
 
     def loader(dataset: Dataset, sampler: Sampler, drop_last: bool) -> DataLoader:
         # Workers' seeds come from the loader's own generator: loading never draws from the global one.
@@ -267,8 +326,16 @@ def build_loaders(
             generator=torch.Generator().manual_seed(seed),
         )
 
-    val_sampler = ShardSampler(len(datasets.val), rank, world_size)
-    return loader(datasets.train, train_sampler, drop_last=True), loader(datasets.val, val_sampler, drop_last=False)
+    val_loader = loader(datasets.val, ShardSampler(len(datasets.val), rank, world_size), drop_last=False)
+    if datasets.train is None:
+        return None, val_loader
+    train_sampler = DistributedSampler(datasets.train, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    if len(train_sampler) < batch_size:
+        raise DataError(
+            f"each of {world_size} process(es) gets {len(train_sampler)} of the {len(datasets.train)} training "
+            f"images, less than one batch of {batch_size}: use a smaller --batch-size, or more images"
+        )
+    return loader(datasets.train, train_sampler, drop_last=True), val_loader
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:

@@ -16,6 +16,13 @@ class CheckpointError(TrainingError):
     """A checkpoint is missing, unreadable, or belongs to a different run."""
 
 
+class Interrupted(Exception):
+    """The user stopped the run (Ctrl-C); the message, one line, says what the output directory holds.
+
+    Only the main process reports it: the message of every other process is empty.
+    """
+
+
 def _original_message(message: str, error_type: type) -> str:
     """``message``, or the message of the error a DataLoader worker raised when ``message`` is the worker's.
 
