@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -320,13 +320,6 @@ def default_config(family: str, M: int) -> Config:
 def problem_inputs(family: str, problem: Problem, device: torch.device, seed: int) -> dict:
     """Fresh inputs of ``problem`` for ``family``'s calls, on ``device``, from ``seed``."""
     return FAMILIES[family].inputs(problem, torch.Generator(device=device).manual_seed(seed))
-
-
-def example_problems(dtype: torch.dtype, M: int, device: torch.device) -> Iterator[Problem]:
-    """Small problems of M branches of ``dtype`` whose calls, together, pass every argument type a launch
-    can: in both layouts."""
-    for channels_last in (False, True):
-        yield Problem(2, 32, 4, 4, M, dtype, channels_last)
 
 
 def flatten(result) -> list[Tensor]:
