@@ -16,12 +16,12 @@ SCRIPT = textwrap.dedent('''
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch._functorch.aot_autograd import aot_function
     from functorch.compile import make_boxed_func
-    from sknet_triton import launch, ops
+    from sknet_triton import launch, ops, planning, tuned
 
     assert not launch.INTERPRETED
     # No GPU here to ask: an H100's capability and SM count.
-    launch.arch_name = lambda device: "sm_90"
-    launch.min_programs = lambda device, config: 132 * config.programs_per_sm
+    tuned.arch_name = lambda device: "sm_90"
+    planning.min_programs = lambda device, config: 132 * config.programs_per_sm
 
     def sk_ops(u0, u1, logits, grad_out, grad_s, scale, bias):
         s = ops.sk_fuse([u0, u1], scale, bias, True)
