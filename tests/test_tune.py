@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from perf import tune
+from perf import tune, tune_split
 from sknet_triton import families, launch, planning, tuned
 from tests.helpers import requires_kernels
 from tests.ops_inputs import make_branches, make_logits
@@ -54,18 +54,18 @@ def test_dry_run_writes_a_table_launch_reads(tmp_path):
     entries = tuned.read_table(table)
     # Every family the registry sweeps, the training-mode BatchNorm kernels among them.
     assert {"bn_stats", "select_bn_bwd", "fuse_bn_bwd"} <= set(tune.SWEPT)
-    assert set(tune.SWEPT) == set(families.FAMILIES) - {tune.SPLIT_FAMILY}
-    assert {(e.family, e.channels_last) for e in entries if e.family != tune.SPLIT_FAMILY} == {
+    assert set(tune.SWEPT) == set(families.FAMILIES) - {tune_split.SPLIT_FAMILY}
+    assert {(e.family, e.channels_last) for e in entries if e.family != tune_split.SPLIT_FAMILY} == {
         (f, True) for f in tune.SWEPT}
     winners = pd.read_csv(tmp_path / "winners.csv")
     assert (winners["check err"] < 1e-4).all()
-    swept = winners[winners["family"] != tune.SPLIT_FAMILY]
+    swept = winners[winners["family"] != tune_split.SPLIT_FAMILY]
     assert (swept["status"] == "ok").all()
     # The split kernel against cuDNN, one SK unit: an entry only where it was faster.
-    split = winners[winners["family"] == tune.SPLIT_FAMILY]
+    split = winners[winners["family"] == tune_split.SPLIT_FAMILY]
     assert split["channels_last"].tolist() == [True]
     assert ((split["best µs"] < split["cudnn µs"]) == (split["status"] == "ok")).all()
-    assert sum(e.family == tune.SPLIT_FAMILY for e in entries) == (split["status"] == "ok").sum()
+    assert sum(e.family == tune_split.SPLIT_FAMILY for e in entries) == (split["status"] == "ok").sum()
     candidates = pd.read_csv(tmp_path / "tune.csv")
     assert set(candidates["stage"]) == {1, 2, 3} and candidates["µs"].gt(0).all()
     # Each winner is the fastest candidate measured for its problem.
@@ -76,10 +76,10 @@ def test_dry_run_writes_a_table_launch_reads(tmp_path):
 
 def test_table_keeps_each_configuration_whole(tmp_path):
     """A register budget is written where a configuration has one (the split kernel's), and only there."""
-    split, fuse = families.default_config(tune.SPLIT_FAMILY, 2), families.default_config("fuse_fwd", 2)
+    split, fuse = families.default_config(tune_split.SPLIT_FAMILY, 2), families.default_config("fuse_fwd", 2)
     assert split.maxnreg is not None and fuse.maxnreg is None
     problem = {"dtype": "bf16", "channels_last": True, "B": 8, "C": 64, "H": 7, "W": 7, "status": "ok"}
-    winners = pd.DataFrame([{**problem, "family": tune.SPLIT_FAMILY, **asdict(split)},
+    winners = pd.DataFrame([{**problem, "family": tune_split.SPLIT_FAMILY, **asdict(split)},
                             {**problem, "family": "fuse_fwd", **asdict(fuse)},
                             {**problem, "family": "fuse_bwd", **asdict(fuse), "status": "wrong"}])
     stamp = {"gpu": "test", "torch": "0", "triton": "0", "commit": "0", "date": "0"}
@@ -87,4 +87,4 @@ def test_table_keeps_each_configuration_whole(tmp_path):
     tuned.write_table(table, "sm_test", stamp, tune.tuned_entries(winners))
     assert "maxnreg" not in json.loads(table.read_text())["entries"][1]["config"]
     assert [(e.family, e.config, e.HW) for e in tuned.read_table(table)] == [
-        (tune.SPLIT_FAMILY, split, 49), ("fuse_fwd", fuse, 49)]
+        (tune_split.SPLIT_FAMILY, split, 49), ("fuse_fwd", fuse, 49)]
