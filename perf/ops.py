@@ -3,7 +3,8 @@
 For each op (fuse forward, fuse backward with its BatchNorm + ReLU prologue, select forward, select
 backward; backward as autograd runs it), SKNet-50 shape, dtype and layout, four implementations are
 checked against the eager reference and timed: sknet_triton eager and under ``torch.compile``, and the
-plain-PyTorch reference (``sknet_triton.reference``) eager and under ``torch.compile``. Three times each:
+plain-PyTorch reference (``sknet_triton.reference``) eager and under ``torch.compile``. Three times each
+(perf/timing.py's clocks):
 
 - **GPU time**: every call captured once into a CUDA graph (one call per input set, enough sets that
   they overflow the L2 cache several times), the graph replayed between CUDA events; the median replay

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from sknet_triton import kernels, reference
-from sknet_triton.batchnorm import HANDOFF_ROWS, fold_statistics
+from sknet_triton.batchnorm import fold_statistics
 from sknet_triton.tiles import (
     SPLIT_DOT_BLOCK_C, SPLIT_DOT_BLOCK_K, SPLIT_FMA_BLOCK_C, SPLIT_FMA_BLOCK_K, reachable_tile_shapes, split_block_p,
 )
@@ -143,7 +143,7 @@ def _float64(tensors: list[Tensor]) -> list[Tensor]:
 
 def branch_list(branches: list[Tensor]) -> list[Tensor]:
     """The M branch tensors of a launcher's branches (one stacked [B, M, C, H, W] tensor, or M tensors)."""
-    return list(branches[0].unbind(1)) if len(branches) == 1 else list(branches)
+    return list(branches[0].unbind(1)) if branches[0].dim() == 5 else list(branches)
 
 
 def _prologues(i: dict) -> list[tuple]:
@@ -209,7 +209,8 @@ def _bn_stats_reference(i: dict) -> list[Tensor]:
 
 
 def _select_bn_reference(i: dict) -> list[Tensor]:
-    """dlogits and the handoff (sknet_triton.batchnorm's rows) of select over BatchNorm + ReLU branches."""
+    """dlogits and the [HANDOFF_ROWS, B, M, C] handoff (sknet_triton.batchnorm's rows: the logits, then
+    four sums over hw) of select over BatchNorm + ReLU branches."""
     branches = _float64(branch_list(i["branches"]))
     weight, beta = i["weight"].double(), i["beta"].double()
     values, mean, var = reference.batch_norm_relu(branches, weight, beta, BN_EPS)
@@ -228,7 +229,6 @@ def _select_bn_reference(i: dict) -> list[Tensor]:
                                     active.sum((2, 3)), (active * x_hat).sum((2, 3)))):
             row.append(term)
     rows += [torch.stack(row, dim=1) for row in sums]
-    assert len(rows) == HANDOFF_ROWS
     return [dlogits, torch.stack(rows)]
 
 

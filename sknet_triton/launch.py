@@ -74,7 +74,8 @@ _recorded: Optional[list[Launch]] = None
 
 @contextlib.contextmanager
 def recording() -> Iterator[list[Launch]]:
-    """Capture launches instead of running them (for the ahead-of-time compile check, on meta tensors)."""
+    """Capture launches instead of running them (the ahead-of-time check's specializations, the launch
+    tests, the host-time measurement)."""
     global _recorded
     _recorded, previous = [], _recorded
     try:
