@@ -91,7 +91,7 @@ class Problem:
         return "channels_last" if self.channels_last else "contiguous"
 
     @property
-    def branches(self) -> families.Problem:
+    def family_problem(self) -> families.Problem:
         """The problem as its family's entry takes it."""
         return families.Problem(self.B, self.C, self.H, self.W, ops.BRANCHES, DTYPES[self.dtype], self.channels_last)
 
@@ -120,7 +120,7 @@ def _launcher_call(problem: Problem, inputs: dict) -> Callable[[], object]:
 
 
 def _inputs(problem: Problem, device: torch.device, seed: int) -> dict:
-    return families.problem_inputs(problem.family, problem.branches, device, seed)
+    return families.problem_inputs(problem.family, problem.family_problem, device, seed)
 
 
 def _min_bytes(problem: Problem) -> int:
