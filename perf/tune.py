@@ -67,7 +67,7 @@ class Grid:
     """The values each coordinate of the search takes."""
 
     forward_tiles: tuple = (4096, 8192, 16384)
-    backward_tiles: tuple = (2048, 4096, 8192)  # backward kernels stream 2M + 1 tensors: smaller tiles
+    small_tiles: tuple = (2048, 4096, 8192)  # of the families that stream 2M + 1 tensors or hold accumulator tiles
     warps: tuple = (4, 8)
     programs_per_sm: tuple = (4, 8, 16, 32)
     stages: tuple = (2, 3, 4)
@@ -98,7 +98,7 @@ class Problem:
 
 GPU_GRID = Grid()
 GPU_SHAPES = ops.SHAPES
-DRY_GRID = Grid(forward_tiles=(2048, 4096), backward_tiles=(2048,), warps=(4,), programs_per_sm=(4, 16),
+DRY_GRID = Grid(forward_tiles=(2048, 4096), small_tiles=(2048,), warps=(4,), programs_per_sm=(4, 16),
                 stages=(2, 3), replays=2)
 DRY_SHAPES = ((16, 4, 4),)
 DRY_BATCH = 2
@@ -132,7 +132,7 @@ def candidates(problem: Problem, grid: Grid, stage: int, best=None) -> list:
     """The configurations of search ``stage`` (1, 2 or 3) for ``problem``; ``best``: the previous stage's winner."""
     default = families.default_config(problem.family, ops.BRANCHES)
     if stage == 1:
-        tiles = grid.backward_tiles if families.FAMILIES[problem.family].backward else grid.forward_tiles
+        tiles = grid.small_tiles if families.FAMILIES[problem.family].small_tiles else grid.forward_tiles
         return [tuned.Config(t, w, default.num_stages, default.programs_per_sm, default.maxnreg)
                 for t, w in itertools.product(tiles, grid.warps)]
     if stage == 2:

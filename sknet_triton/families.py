@@ -69,7 +69,8 @@ class Family:
     inputs: Callable[[Problem, torch.Generator], dict]  # fresh inputs of one problem
     calls: Callable[[dict], list[tuple]]  # launcher arguments: the tuned call first, then every other variant
     reference: Callable[[dict], list[Tensor]]  # float64 results of the tuned call
-    backward: bool = False  # streams a backward pass's 2M + 1 tensors: the tuner sweeps smaller tiles
+    # Streams a backward pass's 2M + 1 tensors or holds float32 accumulator tiles: the tuner sweeps smaller tiles.
+    small_tiles: bool = False
     flags: tuple[str, ...] = ()  # the kernel's own boolean constexprs
     # Streams dense tiles, so the ahead-of-time check requires 16-byte loads of it. The split kernel's taps
     # start at offsets no alignment analysis can prove (position - dilation, channel + group * group_in).
@@ -262,7 +263,7 @@ FAMILIES = {f.name: f for f in (
     # Without a ReLU the gradient is a broadcast, returned as an expanded view: no kernel.
     Family(
         "fuse_bwd", kernels.sk_fuse_bwd_kernel, "fuse_relu_backward", BACKWARD_DEFAULTS, branch_variants,
-        passes=lambda M: 2 * M, inputs=branch_inputs, reference=_fuse_relu_backward_reference, backward=True,
+        passes=lambda M: 2 * M, inputs=branch_inputs, reference=_fuse_relu_backward_reference, small_tiles=True,
         calls=lambda i: [(i["grad_s"], i["branches"], i["scale"], i["bias"]), (i["grad_s"], i["branches"], None, None)],
     ),
     # Select (kernels/select.py): reads the M branches, writes the output.
@@ -274,7 +275,7 @@ FAMILIES = {f.name: f for f in (
     # Select's backward in one pass: reads dV and the M branches, writes the M gradients.
     Family(
         "select_bwd", kernels.sk_select_bwd_kernel, "select_backward", BACKWARD_DEFAULTS, branch_variants,
-        passes=lambda M: 2 * M + 1, inputs=branch_inputs, reference=_select_backward_reference, backward=True,
+        passes=lambda M: 2 * M + 1, inputs=branch_inputs, reference=_select_backward_reference, small_tiles=True,
         flags=("RELU",),
         calls=lambda i: [(i["grad_out"], i["branches"], i["logits"], *prologue) for prologue in _prologues(i)],
     ),
@@ -284,19 +285,19 @@ FAMILIES = {f.name: f for f in (
     Family(
         "bn_stats", kernels.sk_bn_stats_kernel, "batch_norm_statistics",
         {M: Config(tile_bytes=4096, num_warps=8, num_stages=3, programs_per_sm=16, maxnreg=168) for M in BRANCH_COUNTS},
-        branch_variants, passes=lambda M: M, inputs=branch_inputs, reference=_bn_stats_reference,
+        branch_variants, passes=lambda M: M, inputs=branch_inputs, reference=_bn_stats_reference, small_tiles=True,
         calls=lambda i: [(i["branches"],)],
     ),
     # Pass A, select's backward: reads dV and the M raw branches. It holds 5M float32 accumulators: backward tiles.
     Family(
         "select_bn_bwd", kernels.sk_select_bn_bwd_kernel, "select_bn_backward", BACKWARD_DEFAULTS, branch_variants,
-        passes=lambda M: M + 1, inputs=_batch_norm_inputs, reference=_select_bn_reference, backward=True,
+        passes=lambda M: M + 1, inputs=_batch_norm_inputs, reference=_select_bn_reference, small_tiles=True,
         calls=lambda i: [(i["grad_out"], i["branches"], i["logits"], i["stats"])],
     ),
     # Pass B, fuse's backward: reads dV and the M raw branches, writes the M gradients dY_m.
     Family(
         "fuse_bn_bwd", kernels.sk_fuse_bn_bwd_kernel, "fuse_bn_backward", BACKWARD_DEFAULTS, branch_variants,
-        passes=lambda M: 2 * M + 1, inputs=_batch_norm_inputs, reference=_fuse_bn_backward_reference, backward=True,
+        passes=lambda M: 2 * M + 1, inputs=_batch_norm_inputs, reference=_fuse_bn_backward_reference, small_tiles=True,
         calls=lambda i: [(i["grad_s"], i["grad_out"], i["branches"], i["stats"], i["handoff"])],
     ),
     # The eval-mode split convolution (kernels/split.py): reads x about once, writes the M branches.
