@@ -175,12 +175,12 @@ def op_call(op: str, fuse: Callable, select: Callable, inputs: dict) -> Callable
 
 def make_inputs(batch: int, C: int, H: int, W: int, dtype: torch.dtype, layout: str, device: torch.device,
                 seed: int = 0) -> dict:
-    """Seeded branches, logits, prologue constants and upstream gradients of one configuration (the inputs
-    of the fuse and select families, sknet_triton.families.branch_inputs)."""
-    from sknet_triton.families import Problem, problem_inputs
+    """Seeded branches, logits, prologue constants and upstream gradients of one configuration: the fuse
+    and select families' inputs (sknet_triton.families.branch_inputs)."""
+    from sknet_triton.families import Problem, branch_inputs
 
     problem = Problem(batch, C, H, W, BRANCHES, dtype, layout == "channels_last")
-    return problem_inputs("fuse_fwd", problem, device, seed)
+    return branch_inputs(problem, torch.Generator(device=device).manual_seed(seed))
 
 
 def limit(call_us: float, gpu_us: float, host_us: float, percent_copy: float) -> str:
