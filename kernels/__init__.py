@@ -1,8 +1,9 @@
 """Triton device code for the Selective Kernel split (eval mode), fuse and select operations, and for the
 branches' training-mode BatchNorm inside them.
 
-Only ``@triton.jit`` functions (and the facts their signatures fix) live here; launch parameters,
-validation and autograd are in ``sknet_triton.launch`` and ``sknet_triton.ops``.
+Only ``@triton.jit`` functions (and the facts their signatures fix) live here; each kernel's family is
+declared in ``sknet_triton.families``, its launch planned in ``sknet_triton.planning`` and started in
+``sknet_triton.launch``; validation and autograd are in ``sknet_triton.ops``.
 """
 from .batchnorm import sk_bn_stats_kernel, sk_fuse_bn_bwd_kernel, sk_select_bn_bwd_kernel
 from .fuse import sk_fuse_bwd_kernel, sk_fuse_fwd_kernel

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .tile import (
-    add_softmax_grad_share, at_image, program_tile, prologue_params, softmax_weights, tile_mask, tile_offsets,
+    add_softmax_grad_share, at_image, per_branch_vectors, program_tile, softmax_weights, tile_mask, tile_offsets,
 )
 
 
@@ -55,11 +55,10 @@ def _tile_moments(ptrs, mask, count, mean_a, m2_a, count_a):
 
 @triton.jit
 def sk_bn_stats_kernel(
-    u0_ptr, u1_ptr, u2_ptr, u3_ptr,  # raw branches Y_m [B, C, H, W]; u2/u3 are read only when M > 2/3
-    scale_ptr, bias_ptr,  # unused (no prologue): the shared argument convention
+    u0_ptr, u1_ptr, u2_ptr, u3_ptr,  # raw branches Y_m [B, C, H, W] (no prologue); u2/u3 are read only when M > 2/3
     mean_ptr, m2_ptr,  # out: float32 [M, B * splits, C], one partial per program and branch
     C, HW, stride_u, chunk,
-    M: tl.constexpr, AFFINE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    M: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     b, c, c_mask, hw_lo, hw_hi = program_tile(C, HW, chunk, BLOCK_C)
@@ -81,7 +80,7 @@ def sk_bn_stats_kernel(
             mean3, m23 = _tile_moments(u3_ptr + at, mask, count, mean3, m23, seen)
         seen += count
 
-    partials = tl.num_programs(0) * tl.num_programs(2)
+    partials = tl.num_programs(0).to(tl.int64) * tl.num_programs(2)  # B * splits: grows with the batch
     at = (b * tl.num_programs(2) + tl.program_id(2)) * C + c
     tl.store(mean_ptr + at, mean0, mask=c_mask)
     tl.store(m2_ptr + at, m20, mask=c_mask)
@@ -143,10 +142,10 @@ def sk_select_bn_bwd_kernel(
     b, c, c_mask, hw_lo, hw_hi = program_tile(C, HW, chunk, BLOCK_C)
     offs, hw_step = tile_offsets(c, C, HW, CHANNELS_LAST, BLOCK_HW)
     a0, a1, a2, a3 = softmax_weights(logits_ptr, b, c, c_mask, C, M)
-    scale0, shift0, scale1, shift1, scale2, shift2, scale3, shift3 = prologue_params(
+    scale0, shift0, scale1, shift1, scale2, shift2, scale3, shift3 = per_branch_vectors(
         scale_ptr, bias_ptr, c, c_mask, C, M, AFFINE
     )
-    mean0, rstd0, mean1, rstd1, mean2, rstd2, mean3, rstd3 = prologue_params(
+    mean0, rstd0, mean1, rstd1, mean2, rstd2, mean3, rstd3 = per_branch_vectors(
         mean_ptr, rstd_ptr, c, c_mask, C, M, True
     )
     u0_ptr, u1_ptr, u2_ptr, u3_ptr = at_image(u0_ptr, u1_ptr, u2_ptr, u3_ptr, b * stride_u)
@@ -174,7 +173,7 @@ def sk_select_bn_bwd_kernel(
 
     add_softmax_grad_share(dlogits_ptr, b, c, c_mask, C, a0, a1, a2, a3, g0, g1, g2, g3, M)
 
-    sums_stride = tl.num_programs(0) * M * C  # one of the four [B, M, C] rows
+    sums_stride = tl.num_programs(0).to(tl.int64) * M * C  # one of the four [B, M, C] rows
     at = b * M * C + c
     _add_branch_sums(sums_ptr, at, sums_stride, c_mask, a0, dv_on0, dv_x_on0, on0, x_on0)
     _add_branch_sums(sums_ptr, at + C, sums_stride, c_mask, a1, dv_on1, dv_x_on1, on1, x_on1)
@@ -211,10 +210,10 @@ def sk_fuse_bn_bwd_kernel(
     offs, hw_step = tile_offsets(c, C, HW, CHANNELS_LAST, BLOCK_HW)
     a0, a1, a2, a3 = softmax_weights(logits_ptr, b, c, c_mask, C, M)
     grad_s = tl.load(ds_ptr + b * C + c, mask=c_mask, other=0.0) / HW
-    scale0, shift0, scale1, shift1, scale2, shift2, scale3, shift3 = prologue_params(
+    scale0, shift0, scale1, shift1, scale2, shift2, scale3, shift3 = per_branch_vectors(
         scale_ptr, bias_ptr, c, c_mask, C, M, AFFINE
     )
-    alpha0, offset0, alpha1, offset1, alpha2, offset2, alpha3, offset3 = prologue_params(
+    alpha0, offset0, alpha1, offset1, alpha2, offset2, alpha3, offset3 = per_branch_vectors(
         alpha_ptr, offset_ptr, c, c_mask, C, M, True
     )
     u0_ptr, u1_ptr, u2_ptr, u3_ptr = at_image(u0_ptr, u1_ptr, u2_ptr, u3_ptr, b * stride_u)

@@ -11,7 +11,7 @@ reaches a kernel (see sknet_triton.ops).
 import triton
 import triton.language as tl
 
-from .tile import at_image, load_branch, program_tile, prologue_params, tile_mask, tile_offsets
+from .tile import at_image, load_branch, per_branch_vectors, program_tile, tile_mask, tile_offsets
 
 
 @triton.jit
@@ -26,7 +26,7 @@ def sk_fuse_fwd_kernel(
 ):
     b, c, c_mask, hw_lo, hw_hi = program_tile(C, HW, chunk, BLOCK_C)
     offs, hw_step = tile_offsets(c, C, HW, CHANNELS_LAST, BLOCK_HW)
-    scale0, bias0, scale1, bias1, scale2, bias2, scale3, bias3 = prologue_params(
+    scale0, bias0, scale1, bias1, scale2, bias2, scale3, bias3 = per_branch_vectors(
         scale_ptr, bias_ptr, c, c_mask, C, M, AFFINE
     )
     u0_ptr, u1_ptr, u2_ptr, u3_ptr = at_image(u0_ptr, u1_ptr, u2_ptr, u3_ptr, b * stride_u)
@@ -66,7 +66,7 @@ def sk_fuse_bwd_kernel(
     b, c, c_mask, hw_lo, hw_hi = program_tile(C, HW, chunk, BLOCK_C)
     offs, hw_step = tile_offsets(c, C, HW, CHANNELS_LAST, BLOCK_HW)
     grad = tl.load(ds_ptr + b * C + c, mask=c_mask, other=0.0) / HW
-    scale0, bias0, scale1, bias1, scale2, bias2, scale3, bias3 = prologue_params(
+    scale0, bias0, scale1, bias1, scale2, bias2, scale3, bias3 = per_branch_vectors(
         scale_ptr, bias_ptr, c, c_mask, C, M, AFFINE
     )
     u0_ptr, u1_ptr, u2_ptr, u3_ptr = at_image(u0_ptr, u1_ptr, u2_ptr, u3_ptr, b * stride_u)

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .tile import (
-    add_softmax_grad_share, at_image, load_branch, program_tile, prologue_params, softmax_weights, tile_mask, tile_offsets,
+    add_softmax_grad_share, at_image, load_branch, per_branch_vectors, program_tile, softmax_weights, tile_mask, tile_offsets,
 )
 
 
@@ -33,7 +33,7 @@ def sk_select_fwd_kernel(
     a0, a1, a2, a3 = softmax_weights(logits_ptr, b, c, c_mask, C, M)
     # a * relu(scale * U + bias) = relu(a * scale * U + a * bias) as a >= 0: the softmax weight joins the
     # prologue, and each branch keeps two per-channel vectors instead of three.
-    scale0, bias0, scale1, bias1, scale2, bias2, scale3, bias3 = prologue_params(
+    scale0, bias0, scale1, bias1, scale2, bias2, scale3, bias3 = per_branch_vectors(
         scale_ptr, bias_ptr, c, c_mask, C, M, AFFINE
     )
     scale0, bias0 = a0 * scale0, a0 * bias0
@@ -83,7 +83,7 @@ def sk_select_bwd_kernel(
     b, c, c_mask, hw_lo, hw_hi = program_tile(C, HW, chunk, BLOCK_C)
     offs, hw_step = tile_offsets(c, C, HW, CHANNELS_LAST, BLOCK_HW)
     a0, a1, a2, a3 = softmax_weights(logits_ptr, b, c, c_mask, C, M)
-    scale0, bias0, scale1, bias1, scale2, bias2, scale3, bias3 = prologue_params(
+    scale0, bias0, scale1, bias1, scale2, bias2, scale3, bias3 = per_branch_vectors(
         scale_ptr, bias_ptr, c, c_mask, C, M, AFFINE
     )
     u0_ptr, u1_ptr, u2_ptr, u3_ptr = at_image(u0_ptr, u1_ptr, u2_ptr, u3_ptr, b * stride_u)

@@ -15,8 +15,10 @@ contiguous axis of x and of the branches, else positions.
 Two inner products:
 
 - ``USE_DOT`` (group_out >= 16 and 9 * group_in >= 16): the program's channels lie in one group; per
-  tap, the [BLOCK_P, BLOCK_K] slice of the group's input channels times the [BLOCK_K, BLOCK_C] weights,
-  on tensor cores (float32 exactly, as IEEE products).
+  tap, the [BLOCK_P, BLOCK_K] slice of the group's input channels times the [BLOCK_K, BLOCK_C] weights
+  with ``tl.dot``: on tensor cores in float16 and bfloat16; in float32 with ``input_precision="ieee"``
+  (the float32 accuracy the tests hold it to, where TF32 would round the operands to 10 bits), which
+  Triton lowers to an FMA loop, not to tensor cores.
 - otherwise a plain FMA loop: the channel block may span many narrow groups; per tap and per input
   channel of a group, each output channel's input is gathered and multiplied by its weight.
 

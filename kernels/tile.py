@@ -1,22 +1,36 @@
 """Device helpers shared by every kernel over the branches.
 
-Every kernel takes the same leading arguments, the branches as four pointers ``u0_ptr .. u3_ptr`` (those
-of branches m >= M repeat another and are never read) and the prologue's ``scale_ptr, bias_ptr``, and
-the same trailing ones, ``C, HW, stride_u, chunk`` and the constexprs ``M, AFFINE, CHANNELS_LAST,
-BLOCK_C, BLOCK_HW``; its own tensors and flags sit between and after them.
+Every kernel over the branches takes its arguments in one order, which the launcher relies on:
+
+1. the branches as four pointers ``u0_ptr .. u3_ptr`` (those of branches m >= M repeat another and are
+   never read): :data:`BRANCH_ARGS`;
+2. for a family with a prologue (P = ReLU?(scale * U + bias) applied as each branch is loaded), its
+   ``scale_ptr, bias_ptr`` (:data:`PROLOGUE_ARGS`), read when the constexpr ``AFFINE`` is set; a family
+   without one (the BatchNorm statistics read the raw branches) takes neither, nor ``AFFINE``;
+3. the kernel's own tensors and scalars;
+4. :data:`SHAPE_ARGS`, ``C, HW, stride_u, chunk``;
+5. the constexprs :data:`CONSTEXPR_ARGS` (``M``, ``AFFINE`` where there is a prologue, ``CHANNELS_LAST,
+   BLOCK_C, BLOCK_HW``), then the kernel's own flags.
 
 Every kernel walks the same work decomposition: one program per (image b, block of BLOCK_C channels,
 chunk of the H*W positions), visiting its chunk in [BLOCK_C, BLOCK_HW] tiles. The branches of one image
 are [C, HW] (contiguous NCHW) or [HW, C] (channels_last) matrices; CHANNELS_LAST picks the strides, so
 the compiler sees which tile axis is contiguous and vectorises along it. An image holds fewer than
 2**31 elements (the ops check), so offsets within one are 32-bit, which keeps the loop-invariant
-offset tile in half the registers; the image's base offset, b * batch stride, is 64-bit.
+offset tile in half the registers. Anything that grows with the batch (the image's base offset
+b * batch stride, a [B, ...] row, a stride of B * M * C elements) is 64-bit: the batch may be any size,
+so the image index and the program count along it enter arithmetic only as int64.
 """
 import triton
 import triton.language as tl
 
 # Every kernel takes the branches as this many pointers.
 MAX_BRANCHES = 4
+# The argument names of the convention above, in order.
+BRANCH_ARGS = tuple(f"u{m}_ptr" for m in range(MAX_BRANCHES))
+PROLOGUE_ARGS = ("scale_ptr", "bias_ptr")
+SHAPE_ARGS = ("C", "HW", "stride_u", "chunk")
+CONSTEXPR_ARGS = ("M", "AFFINE", "CHANNELS_LAST", "BLOCK_C", "BLOCK_HW")
 
 
 @triton.jit
@@ -53,25 +67,26 @@ def tile_mask(c_mask, hw0, hw_hi, BLOCK_HW: tl.constexpr):
 
 
 @triton.jit
-def _affine_params(scale_ptr, bias_ptr, m, c, c_mask, C, AFFINE: tl.constexpr):
-    if AFFINE:
-        scale = tl.load(scale_ptr + m * C + c, mask=c_mask, other=0.0)
-        bias = tl.load(bias_ptr + m * C + c, mask=c_mask, other=0.0)
+def _branch_vector_pair(a_ptr, b_ptr, m, c, c_mask, C, LOADED: tl.constexpr):
+    if LOADED:
+        a = tl.load(a_ptr + m * C + c, mask=c_mask, other=0.0)
+        b = tl.load(b_ptr + m * C + c, mask=c_mask, other=0.0)
     else:
-        scale = tl.full(c.shape, 1.0, tl.float32)
-        bias = tl.zeros(c.shape, tl.float32)
-    return scale, bias
+        a = tl.full(c.shape, 1.0, tl.float32)
+        b = tl.zeros(c.shape, tl.float32)
+    return a, b
 
 
 @triton.jit
-def prologue_params(scale_ptr, bias_ptr, c, c_mask, C, M: tl.constexpr, AFFINE: tl.constexpr):
-    """Each branch's per-channel prologue scale and bias: eight float32 [BLOCK_C] vectors, (scale0, bias0,
-    ..., scale3, bias3); 1 and 0 without AFFINE. Branches m >= M repeat an earlier one and go unused."""
-    scale0, bias0 = _affine_params(scale_ptr, bias_ptr, 0, c, c_mask, C, AFFINE)
-    scale1, bias1 = _affine_params(scale_ptr, bias_ptr, 1, c, c_mask, C, AFFINE)
-    scale2, bias2 = _affine_params(scale_ptr, bias_ptr, 2 % M, c, c_mask, C, AFFINE)
-    scale3, bias3 = _affine_params(scale_ptr, bias_ptr, 3 % M, c, c_mask, C, AFFINE)
-    return scale0, bias0, scale1, bias1, scale2, bias2, scale3, bias3
+def per_branch_vectors(a_ptr, b_ptr, c, c_mask, C, M: tl.constexpr, LOADED: tl.constexpr):
+    """Two per-branch, per-channel float32 [M, C] tables (the prologue's scale and bias, BatchNorm's mean
+    and rstd, ...) at channels c: eight float32 [BLOCK_C] vectors (a0, b0, ..., a3, b3); 1 and 0 unless
+    LOADED (a prologue without AFFINE). Branches m >= M repeat an earlier one and go unused."""
+    a0, b0 = _branch_vector_pair(a_ptr, b_ptr, 0, c, c_mask, C, LOADED)
+    a1, b1 = _branch_vector_pair(a_ptr, b_ptr, 1, c, c_mask, C, LOADED)
+    a2, b2 = _branch_vector_pair(a_ptr, b_ptr, 2 % M, c, c_mask, C, LOADED)
+    a3, b3 = _branch_vector_pair(a_ptr, b_ptr, 3 % M, c, c_mask, C, LOADED)
+    return a0, b0, a1, b1, a2, b2, a3, b3
 
 
 @triton.jit

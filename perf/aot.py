@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of every kernel specialization for NVIDIA GPUs, on a machine without one.
 
-``python perf/aot.py`` compiles each specialization :func:`sknet_triton.launch.specializations` lists (the
-launcher's own tables: every configuration, tile shape and flag it can choose) with Triton's own compiler
+``python perf/aot.py`` compiles each specialization :func:`specializations` lists (every kernel family's
+launches, with every configuration, tile shape and flag the launcher can choose) with Triton's own compiler
 for sm_80 and sm_90 (``--arch``, ``--family`` and ``--sample`` choose fewer; the test suite compiles the
 sample, CI the whole sweep). For each it reads the registers, spills and shared memory of Triton's ptxas
 run and the widest global load in the PTX, writes that table to ``--out`` (CSV), prints a summary, and exits with
@@ -18,23 +18,27 @@ import contextlib
 import csv
 import functools
 import io
+import itertools
 import os
 import re
 import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Iterator
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from sknet_triton.dtypes import DTYPE_NAMES
+from sknet_triton.families import BRANCH_COUNTS, FAMILIES, Problem, problem_inputs
+
 DEFAULT_ARCHS = (80, 90)
 DEFAULT_OUT = Path("perf/aot_report.csv")
 # The widest load a thread can issue: a streaming kernel should load each thread's share of a tile in
 # vectors this wide, or as wide as that share (the signature below declares 16-divisible arguments).
 VECTOR_BYTES = 16
-_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # ld.global[.nc][.v2|.v4].<type><bits>: the vector width and element bits of one global load.
 _GLOBAL_LOAD = re.compile(r"ld\.global[\w.:]*?(?:\.v(\d))?\.[bfsu](\d+)\s")
 
@@ -61,12 +65,62 @@ class Resources:
         return self.widest_load_bytes < self.vector_bytes
 
 
+@dataclass(frozen=True)
+class Specialization:
+    """One compiled variant of a kernel: a recorded launch's arguments with one set of constexprs and options."""
+
+    family: str
+    args: tuple
+    constexprs: dict
+    options: dict
+
+    @property
+    def kernel(self):
+        return FAMILIES[self.family].kernel
+
+    @property
+    def name(self) -> str:
+        flags = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in self.constexprs.items())
+        options = ",".join(f"{k}={v}" for k, v in self.options.items())
+        dtype = DTYPE_NAMES[self.args[0].dtype]
+        return f"{self.kernel.__name__}[{dtype},{flags},{options}]"
+
+
+def example_launches(family: str, dtype: torch.dtype, M: int) -> list:
+    """``family``'s launches (recorded, not run) of every call its entry lists, on a small CPU problem of M
+    branches of ``dtype``: the argument types and flags (a prologue's AFFINE, ...) each launch passes."""
+    from sknet_triton import launch
+
+    inputs = problem_inputs(family, Problem(2, 32, 4, 4, M, dtype, False), torch.device("cpu"), seed=0)
+    with launch.recording() as launches:
+        for call in FAMILIES[family].calls(inputs):
+            launch.launcher(family)(*call)
+    return [recorded for recorded in launches if recorded.family == family]
+
+
+def specializations(dtypes=tuple(DTYPE_NAMES)) -> Iterator[Specialization]:
+    """Every kernel specialization the launchers can launch, once each: each example launch's arguments
+    (and so its AFFINE flag) with every reachable configuration and every constexpr variant (tile shape,
+    layout, flags) its family's launcher can choose. (The split kernel takes M as an argument: its
+    launches for different M are one specialization.)"""
+    from sknet_triton.planning import reachable_configs
+
+    seen = set()
+    for family, dtype, M in itertools.product(FAMILIES.values(), dtypes, BRANCH_COUNTS):
+        for recorded in example_launches(family.name, dtype, M):
+            for config in sorted(reachable_configs(family.name, M), key=repr):
+                options = config.options()
+                for variant in family.constexpr_variants(config, dtype):
+                    spec = Specialization(family.name, recorded.args, dict(recorded.constexprs, **variant), options)
+                    if spec.name not in seen:
+                        seen.add(spec.name)
+                        yield spec
+
+
 def vector_bytes(spec) -> int:
     """The widest load a specialization's tile allows: each thread's contiguous share of one streamed
     [BLOCK_C, BLOCK_HW] tile, at most VECTOR_BYTES; 0 for a family that streams no dense tiles."""
-    from sknet_triton import launch
-
-    if not launch.FAMILIES[spec.family].streaming:
+    if not FAMILIES[spec.family].streaming:
         return 0
     tile_bytes = spec.constexprs["BLOCK_C"] * spec.constexprs["BLOCK_HW"] * spec.args[0].element_size()
     return min(VECTOR_BYTES, tile_bytes // (32 * spec.options["num_warps"]))
@@ -75,7 +129,7 @@ def vector_bytes(spec) -> int:
 def _argument_type(value) -> str:
     """Triton's signature type of one launch argument, read from the recorded value."""
     if isinstance(value, torch.Tensor):
-        return "*" + _TRITON_DTYPES[value.dtype]
+        return "*" + DTYPE_NAMES[value.dtype]
     if isinstance(value, bool):
         return "i1"
     if isinstance(value, int):
@@ -127,11 +181,9 @@ def in_sample(spec) -> bool:
 
 @functools.cache
 def all_specializations() -> tuple:
-    """:func:`launch.specializations`, listed once per process (listing them takes longer than a tenth
-    of a compilation)."""
-    from sknet_triton import launch
-
-    return tuple(launch.specializations())
+    """:func:`specializations`, listed once per process (listing them takes longer than a tenth of a
+    compilation)."""
+    return tuple(specializations())
 
 
 def compile_specialization(index: int, arch: int) -> Resources:
@@ -227,10 +279,10 @@ def main(argv=None) -> int:
 
     if launch.INTERPRETED:
         parser.error("the kernels are interpreted here (TRITON_INTERPRET is set); run without it")
-    assert isinstance(launch.FAMILIES["fuse_fwd"].kernel, triton.runtime.JITFunction)
-    unknown = set(args.family or ()) - set(launch.FAMILIES)
+    assert isinstance(FAMILIES["fuse_fwd"].kernel, triton.runtime.JITFunction)
+    unknown = set(args.family or ()) - set(FAMILIES)
     if unknown:
-        parser.error(f"no kernel family {', '.join(sorted(unknown))} (families: {', '.join(launch.FAMILIES)})")
+        parser.error(f"no kernel family {', '.join(sorted(unknown))} (families: {', '.join(FAMILIES)})")
     total = len(selected(args.family, args.sample)) * len(args.arch)
     with tqdm(total=total, desc="compiling", file=sys.stderr, mininterval=15) as bar:
         results = compile_all(args.arch, args.family, args.jobs, bar, args.sample)

@@ -10,37 +10,23 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from sknet_triton.families import FAMILIES
+
 # SKNet-50 (timm skresnext50_32x4d): SK output channels and blocks per stage.
 SKNET50_STAGES = ((128, 3), (256, 4), (512, 6), (1024, 3))
 # The stem (a stride-2 convolution, then a stride-2 max pool) divides the resolution by 4.
 STEM_HALVINGS = 2
 
 
-def fuse_forward_passes(M: int) -> int:
-    """Fuse forward reads the M branches."""
-    return M
-
-
-def select_forward_passes(M: int) -> int:
-    """Select forward reads the M branches and writes the output."""
-    return M + 1
-
-
-def fuse_relu_backward_passes(M: int) -> int:
-    """Fuse backward with a ReLU prologue reads the M branches (for the ReLU mask) and writes M gradients.
-
-    Without a ReLU the gradient is a broadcast of ds / HW, returned as an expanded view: no passes."""
-    return 2 * M
-
-
-def select_backward_passes(M: int) -> int:
-    """Select backward in one pass reads dV and the M branches and writes the M branch gradients."""
-    return 2 * M + 1
+def kernel_passes(family: str, M: int) -> int:
+    """The least passes of one kernel family's launch: its registry entry's bytes model
+    (sknet_triton/families.py says what each family reads and writes)."""
+    return FAMILIES[family].passes(M)
 
 
 def fused_forward_passes(M: int) -> int:
     """An SK unit's forward with the fused ops: fuse, then select; BatchNorm and ReLU in their prologue."""
-    return fuse_forward_passes(M) + select_forward_passes(M)
+    return kernel_passes("fuse_fwd", M) + kernel_passes("select_fwd", M)
 
 
 def eager_forward_passes(M: int) -> int:
@@ -58,29 +44,14 @@ def eager_forward_passes(M: int) -> int:
 # SK unit after the convolutions (which write the raw branches Y_m either way).
 
 
-def batchnorm_stats_passes(M: int) -> int:
-    """The batch statistics with BatchNorm inside the kernels: one read of each raw branch."""
-    return M
-
-
 def fused_training_forward_passes(M: int) -> int:
     """Statistics, then fuse and select with BatchNorm + ReLU in their prologue: 3M + 1."""
-    return batchnorm_stats_passes(M) + fused_forward_passes(M)
-
-
-def select_bn_backward_passes(M: int) -> int:
-    """Pass A, select's backward: reads dV and the M raw branches (dlogits and BatchNorm's sums)."""
-    return M + 1
-
-
-def fuse_bn_backward_passes(M: int) -> int:
-    """Pass B, fuse's backward: reads dV and the M raw branches, writes the M gradients dY_m."""
-    return 2 * M + 1
+    return kernel_passes("bn_stats", M) + fused_forward_passes(M)
 
 
 def fused_training_backward_passes(M: int) -> int:
     """The whole backward with BatchNorm inside the kernels: 3M + 2."""
-    return select_bn_backward_passes(M) + fuse_bn_backward_passes(M)
+    return kernel_passes("select_bn_bwd", M) + kernel_passes("fuse_bn_bwd", M)
 
 
 def unfused_training_forward_passes(M: int) -> int:
@@ -95,7 +66,7 @@ def unfused_training_backward_passes(M: int) -> int:
     accumulate = 2 * M  # select's dU_m + fuse's expanded ds / HW: read, write
     relu = 3 * M  # read grad and output, write
     batchnorm = 5 * M  # read dZ and Y for the two sums, read them again and write dY
-    return select_backward_passes(M) + accumulate + relu + batchnorm
+    return kernel_passes("select_bwd", M) + accumulate + relu + batchnorm
 
 
 def eager_training_forward_passes(M: int) -> int:
@@ -126,17 +97,10 @@ def training_passes_table(M: int = 2) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["pass", "BatchNorm in the kernels", "separate BatchNorm + ReLU", "eager timm"])
 
 
-OP_PASSES = {
-    "fuse fwd": fuse_forward_passes,
-    "fuse bwd": fuse_relu_backward_passes,
-    "select fwd": select_forward_passes,
-    "select bwd": select_backward_passes,
-}
-
-
 def op_min_bytes(op: str, M: int, elements: int, element_size: int) -> int:
-    """The least bytes ``op`` (a key of OP_PASSES) moves for branches of ``elements`` elements each."""
-    return OP_PASSES[op](M) * elements * element_size
+    """The least bytes ``op`` (a kernel family's name with a space: "fuse fwd") moves for branches of
+    ``elements`` elements each."""
+    return kernel_passes(op.replace(" ", "_"), M) * elements * element_size
 
 
 @dataclass(frozen=True)

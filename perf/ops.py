@@ -3,7 +3,8 @@
 For each op (fuse forward, fuse backward with its BatchNorm + ReLU prologue, select forward, select
 backward; backward as autograd runs it), SKNet-50 shape, dtype and layout, four implementations are
 checked against the eager reference and timed: sknet_triton eager and under ``torch.compile``, and the
-plain-PyTorch reference (``sknet_triton.reference``) eager and under ``torch.compile``. Three times each:
+plain-PyTorch reference (``sknet_triton.reference``) eager and under ``torch.compile``. Three times each
+(perf/timing.py's clocks):
 
 - **GPU time**: every call captured once into a CUDA graph (one call per input set, enough sets that
   they overflow the L2 cache several times), the graph replayed between CUDA events; the median replay
@@ -26,6 +27,7 @@ host cost of one call up to the kernel launch, with the launch recorded instead 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import math
 import os
@@ -38,6 +40,10 @@ from typing import Callable, Optional
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# --host-only runs the kernels on the CPU through Triton's interpreter, which must be chosen before sknet_triton
+# (imported below) defines them.
+if __name__ == "__main__" and "--host-only" in sys.argv[1:]:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pandas as pd
 import torch
@@ -46,13 +52,17 @@ from tqdm import tqdm
 from perf import bytes_model, report
 from perf.accuracy import OP_TOLERANCE, relative_error
 from perf.model_bench import describe_error
+from perf.timing import call_time_us, gpu_time_us, host_time_us, input_sets_needed
+from sknet_triton.dtypes import DTYPES as ALL_DTYPES
+from sknet_triton.families import flatten
 
 # SKNet-50's SK units at 224x224: (C, H, W) of each stage.
 SHAPES = ((128, 56, 56), (256, 28, 28), (512, 14, 14), (1024, 7, 7))
 BATCH = 128
 BRANCHES = 2
-OPS = tuple(bytes_model.OP_PASSES)
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# The public ops' calls (op_call), each named for the kernel family it launches ("fuse fwd": fuse_fwd).
+OPS = ("fuse fwd", "fuse bwd", "select fwd", "select bwd")
+DTYPES = {name: ALL_DTYPES[name] for name in ("bf16", "fp32")}
 LAYOUTS = ("channels_last", "contiguous")
 # The eager reference runs first: the others are checked against it.
 IMPLEMENTATIONS = ("eager", "sknet_triton", "sknet_triton compiled", "compiled")
@@ -69,16 +79,9 @@ TIMED_COLUMNS = (
 COPY_BYTES = 2**30
 # do_bench budgets of the copy in ms (warm-up, repetitions); --quick trades precision for time.
 BENCH_MS = {False: (25, 100), True: (10, 40)}
-# GPU time: the input sets of one graph should move at least this many times the L2's bytes, at most
-# MAX_INPUT_SETS sets; the graph is replayed this many times.
-L2_OVERFLOW = 4
-MAX_INPUT_SETS = 8
+# perf/timing.py's clocks: graph replays, host bursts and call timings, by --quick.
 GRAPH_REPLAYS = {False: 20, True: 8}
-# Host time: bursts of this many calls (a few launches each: far from the launch queue's ~1000 entries).
-HOST_BURST = 20
 HOST_BURSTS = {False: 10, True: 5}
-# Call time: this many back-to-back calls between synchronisations, repeated.
-CALLS_PER_TIMING = 40
 CALL_TIMINGS = {False: 5, True: 3}
 # limit: a call within this factor of its GPU time is GPU-bound; a host time over this share of the call
 # time makes it host-bound; a GPU time at this share of copy bandwidth is at the bandwidth limit.
@@ -172,95 +175,12 @@ def op_call(op: str, fuse: Callable, select: Callable, inputs: dict) -> Callable
 
 def make_inputs(batch: int, C: int, H: int, W: int, dtype: torch.dtype, layout: str, device: torch.device,
                 seed: int = 0) -> dict:
-    """Seeded branches, logits, prologue constants and upstream gradients of one configuration."""
-    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    generator = torch.Generator(device=device).manual_seed(seed)
+    """Seeded branches, logits, prologue constants and upstream gradients of one configuration: the fuse
+    and select families' inputs (sknet_triton.families.branch_inputs)."""
+    from sknet_triton.families import Problem, branch_inputs
 
-    def normal(*shape, dtype=dtype):
-        return torch.randn(*shape, device=device, dtype=dtype, generator=generator)
-
-    return {
-        "branches": [normal(batch, C, H, W).contiguous(memory_format=memory_format) for _ in range(BRANCHES)],
-        "logits": normal(batch, BRANCHES, C),
-        "scale": normal(BRANCHES, C, dtype=torch.float32).abs() + 0.5,
-        "bias": normal(BRANCHES, C, dtype=torch.float32) * 0.1,
-        "grad_s": normal(batch, C, dtype=torch.float32),
-        "grad_out": normal(batch, C, H, W).contiguous(memory_format=memory_format),
-    }
-
-
-def outputs(result) -> list:
-    """A call's result as a list of tensors."""
-    return list(result) if isinstance(result, (tuple, list)) else [result]
-
-
-def input_sets_needed(min_bytes: int, device: torch.device) -> int:
-    """How many input sets one CUDA graph cycles through so that its calls overflow the L2 cache."""
-    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
-    return max(1, min(MAX_INPUT_SETS, math.ceil(L2_OVERFLOW * l2 / max(min_bytes, 1))))
-
-
-# --------------------------------------------------------------------------------------------------------
-# The three clocks.
-
-
-def gpu_time_us(calls: list[Callable], replays: int) -> float:
-    """GPU µs of one call: ``calls`` (one per input set) captured once into a CUDA graph, which is replayed
-    ``replays`` times between CUDA events; the median replay over the number of calls.
-
-    Runs on the current stream, which must not be the default stream (capture needs a side stream), and
-    must be the one any forward pass of a backward closure ran on: autograd runs backward kernels on their
-    forward's stream, and a capture sees only its own stream's work.
-    """
-    stream = torch.cuda.current_stream()
-    if stream == torch.cuda.default_stream():
-        raise RuntimeError("gpu_time_us: capture needs a side stream; call it inside torch.cuda.stream(...)")
-    for call in calls:  # warm-up: compilation, autotuning and lazy initialisation stay out of the capture
-        call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for call in calls:
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)]
-    for start, end in events:
-        start.record()
-        graph.replay()
-        end.record()
-    torch.cuda.synchronize()
-    median_ms = statistics.median(start.elapsed_time(end) for start, end in events)
-    del graph
-    return median_ms * 1e3 / len(calls)
-
-
-def host_time_us(call: Callable, bursts: int, synchronize: Callable[[], None]) -> float:
-    """Host µs of one call: the median over ``bursts`` of the wall time of issuing HOST_BURST calls without
-    synchronising, over HOST_BURST; ``synchronize`` drains the queue between bursts."""
-    times = []
-    for _ in range(bursts):
-        synchronize()
-        start = time.perf_counter()
-        for _ in range(HOST_BURST):
-            call()
-        times.append((time.perf_counter() - start) / HOST_BURST)
-    synchronize()
-    return statistics.median(times) * 1e6
-
-
-def call_time_us(calls: list[Callable], timings: int) -> float:
-    """µs per call as a loop of calls sees it: CALLS_PER_TIMING back-to-back calls cycling through the
-    input sets, synchronised at both ends; median of ``timings`` such loops."""
-    times = []
-    for _ in range(timings):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for index in range(CALLS_PER_TIMING):
-            calls[index % len(calls)]()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) / CALLS_PER_TIMING)
-    return statistics.median(times) * 1e6
+    problem = Problem(batch, C, H, W, BRANCHES, dtype, layout == "channels_last")
+    return branch_inputs(problem, torch.Generator(device=device).manual_seed(seed))
 
 
 def limit(call_us: float, gpu_us: float, host_us: float, percent_copy: float) -> str:
@@ -287,7 +207,7 @@ def _row_times(op: str, sets: list[dict], implementations: dict, quick: bool) ->
     for implementation, (fuse, select) in implementations.items():
         try:
             calls = [op_call(op, fuse, select, inputs) for inputs in sets]
-            result = outputs(calls[0]())
+            result = flatten(calls[0]())
             expected = result if expected is None else expected
             error = relative_error(result, expected)
             if not error <= OP_TOLERANCE[sets[0]["dtype name"]]:
@@ -399,6 +319,7 @@ def host_only_rows(calls: int = HOST_ONLY_CALLS, progress=None) -> list[dict]:
     """
     import sknet_triton
     from sknet_triton import launch, ops
+    from sknet_triton.families import FAMILIES
 
     if sknet_triton.ops.kernel_path(torch.device("cpu")) != "triton-interpreter":
         raise RuntimeError("--host-only needs TRITON_INTERPRET=1 set before sknet_triton is imported")
@@ -406,16 +327,12 @@ def host_only_rows(calls: int = HOST_ONLY_CALLS, progress=None) -> list[dict]:
     rows = []
     for dtype_name, layout, op in itertools.product(DTYPES, LAYOUTS, OPS):
         inputs = make_inputs(B, C, H, W, DTYPES[dtype_name], layout, torch.device("cpu"))
-        branches, logits, scale, bias = inputs["branches"], inputs["logits"], inputs["scale"], inputs["bias"]
+        branches, logits = inputs["branches"], inputs["logits"]
         with launch.recording() as launches:
             call = op_call(op, sknet_triton.sk_fuse, sknet_triton.sk_select, inputs)
-            launcher = {
-                "fuse fwd": lambda: launch.fuse_forward(branches, None, None, False),
-                "fuse bwd": lambda: launch.fuse_relu_backward(inputs["grad_s"], branches, scale, bias),
-                "select fwd": lambda: launch.select_forward(branches, logits, None, None, False),
-                "select bwd": lambda: launch.select_backward(inputs["grad_out"], branches, logits, None, None,
-                                                             False),
-            }[op]
+            family = op.replace(" ", "_")
+            tuned_call = FAMILIES[family].calls(inputs)[0]
+            launcher = functools.partial(launch.launcher(family), *tuned_call)
             figures = {"call µs": _median_us(call, calls, launches), "launcher µs": _median_us(launcher, calls, launches)}
             if op.endswith("fwd"):
                 figures["no-grad call µs"] = _median_us(_without_grad(call), calls, launches)
@@ -480,8 +397,6 @@ def _parse(argv) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
 
 def host_only_main(args) -> int:
     """--host-only: print the host-path table, and write host_only.csv with --out."""
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before sknet_triton is imported: the kernel path on the CPU
-
     device = torch.device("cpu")
     with tqdm(total=len(DTYPES) * len(LAYOUTS) * len(OPS), desc="host-only", unit="row") as progress:
         table = pd.DataFrame(host_only_rows(args.calls, progress))
@@ -543,10 +458,10 @@ def _kernel_path(device: torch.device) -> str:
 
 def _tuned_table_name(device: torch.device) -> str:
     """The tuned table the launches read on ``device``, or "none (defaults)"."""
-    from sknet_triton import launch
+    from sknet_triton import tuned
 
-    arch = launch.arch_name(device)
-    return f"sknet_triton/tuned/{arch}.json" if launch.tuned_table(arch) else "none (defaults)"
+    arch = tuned.arch_name(device)
+    return f"sknet_triton/tuned/{arch}.json" if tuned.tuned_table(arch) else "none (defaults)"
 
 
 if __name__ == "__main__":

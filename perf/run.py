@@ -39,7 +39,6 @@ DEFAULTS = {
     "cpu": dict(dtype="fp32", image_size=64, batch_inference=4, batch_train=2, warmup=2, iters=10, threads=1),
 }
 QUICK_ITERATIONS = {"cuda": dict(warmup=3, iters=10), "cpu": dict(warmup=1, iters=3)}
-ELEMENT_SIZE = {"bf16": 2, "fp32": 4}
 PROGRESS_FORMAT = "{desc}: {n_fmt}/{total_fmt} rows |{bar}| {elapsed} elapsed"
 MODEL_COLUMNS = ["row", "mode", "batch", "status", "images/s", "ms min", "ms median", "ms max", "peak GiB",
                  "compile s", "logits err", "grads err"]
@@ -58,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="comma-separated from inference,train (default both)")
     parser.add_argument("--variants", default=",".join(model_bench.VARIANT_KEYS),
                         help="comma-separated rows to run, from " + ", ".join(model_bench.VARIANT_KEYS) + " (default all)")
-    parser.add_argument("--dtype", choices=tuple(ELEMENT_SIZE),
+    parser.add_argument("--dtype", choices=tuple(ops.DTYPES),
                         help="bf16 autocast or fp32 [bf16 / fp32]")
     parser.add_argument("--layout", choices=("channels_last", "contiguous"), default="channels_last",
                         help="memory format of the images and weights (default channels_last)")
@@ -222,7 +221,7 @@ def main(argv=None) -> int:
             report.write_tables(out_dir, env, {"models": pd.DataFrame(rows)})
         models = speedups(pd.DataFrame(rows).assign(dtype=args.dtype, layout=args.layout, image=args.image_size))
         bytes_table = bytes_model.forward_bytes_table(
-            args.batch_inference, ELEMENT_SIZE[args.dtype], args.image_size, copy_gbps=copy_gbps)
+            args.batch_inference, ops.DTYPES[args.dtype].itemsize, args.image_size, copy_gbps=copy_gbps)
         notes = notes_for(args, cpu_quick, ops_skipped, peak_load)
         write_all(out_dir, env, config, notes, copy_gbps, models, None, bytes_table, ops_skipped, args)
         op_table = None

@@ -1,11 +1,13 @@
-"""Tune the fuse and select kernels' launch configurations on the GPU at hand, time the split kernel against
-cuDNN, and write the GPU's tuned table. (The training-mode BatchNorm kernels keep their defaults.)
+"""Tune the kernels' launch configurations on the GPU at hand, time the split kernel against cuDNN, and
+write the GPU's tuned table.
 
-For each kernel family (fuse and select, forward and backward), SKNet-50 SK shape, dtype and layout
-(M = 2, B = 128), candidate :class:`sknet_triton.launch.Config` values are forced on the launcher
-(``launch.forcing_config``) and timed by GPU time alone (perf/ops.py's CUDA-graph replay over input sets
-that overflow the L2 cache). The grid is searched one coordinate at a time, the way these memory-bound
-kernels respond:
+For each kernel family the registry sweeps (sknet_triton/families.py: fuse and select, forward and
+backward, and the training-mode BatchNorm kernels), SKNet-50 SK shape, dtype and layout (M = 2, B = 128),
+candidate :class:`sknet_triton.tuned.Config` values are forced on the launcher
+(``planning.forcing_config``) and timed by GPU time alone (perf/timing.py's CUDA-graph replay over input
+sets that overflow the L2 cache). The family's entry builds the inputs, names the launcher call and
+gives the float64 reference that call is checked against. The grid is searched one coordinate at a
+time, the way these memory-bound kernels respond:
 
 1. tile size x warps (the bytes in flight per program and the threads that issue them);
 2. programs per SM (how finely H*W is split: parallelism against atomic partial sums), with 1's winner;
@@ -13,14 +15,12 @@ kernels respond:
 
 Kernels are compiled ahead of each timing phase by worker processes that launch every candidate once
 (filling Triton's on-disk cache), so the timing process only loads them. Each winner is checked against
-the plain-PyTorch reference before it is written to ``sknet_triton/tuned/sm_<cc>.json`` (format:
+its family's float64 reference before it is written to ``sknet_triton/tuned/sm_<cc>.json`` (format:
 sknet_triton/tuned/README.md), stamped with the GPU, torch, triton and the commit; every candidate's
 time goes to ``--out``/tune.csv.
 
-The eval-mode split kernel (``sknet_triton.sk_split``) is timed against what it replaces, SK unit by SK
-unit of SKNet-50 (``SKConv`` forward with ``split_conv`` "cudnn" against "triton", each candidate
-configuration forced on the split kernel alone): a ``split_fwd`` entry is written only where the kernel's
-best beat cuDNN, which is what ``split_conv="auto"`` reads.
+The eval-mode split kernel is timed against the cuDNN path it replaces instead (perf/tune_split.py),
+first, with a share of the budget.
 
     python perf/tune.py [--budget-s 270] [--jobs N] [--out DIR]
     python perf/tune.py --dry-run      # tiny grid and shapes, on the CPU through Triton's interpreter
@@ -31,31 +31,35 @@ import argparse
 import concurrent.futures
 import contextlib
 import itertools
-import json
 import multiprocessing
 import os
-import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The dry run runs the kernels on the CPU through Triton's interpreter, which must be chosen before sknet_triton
+# (imported below) defines them.
+if __name__ == "__main__" and "--dry-run" in sys.argv[1:]:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pandas as pd
 import torch
 from tqdm import tqdm
 
-from perf import ops, report
+from perf import bytes_model, ops, report, tune_split
 from perf.accuracy import OP_TOLERANCE, relative_error
+from perf.model_bench import describe_error
+from perf.timing import device_time_us, input_sets_needed
+from sknet_triton import families, planning, tuned
+from sknet_triton.dtypes import DTYPES
 
-# The families swept by the grid: those of sk_fuse and sk_select. The split kernel is timed against cuDNN
-# (SPLIT_*); the training-mode BatchNorm kernels run on their defaults until the sweep covers them.
-FAMILIES = ("fuse_fwd", "fuse_bwd", "select_fwd", "select_bwd")
-SPLIT_FAMILY = "split_fwd"
+# The families the grid sweeps; the split kernel is timed against cuDNN instead (perf/tune_split.py).
+SWEPT = tuple(name for name, family in families.FAMILIES.items() if family.swept)
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,7 @@ class Grid:
     """The values each coordinate of the search takes."""
 
     forward_tiles: tuple = (4096, 8192, 16384)
-    backward_tiles: tuple = (2048, 4096, 8192)  # backward kernels stream 2M + 1 tensors: smaller tiles
+    small_tiles: tuple = (2048, 4096, 8192)  # of the families that stream 2M + 1 tensors or hold accumulator tiles
     warps: tuple = (4, 8)
     programs_per_sm: tuple = (4, 8, 16, 32)
     stages: tuple = (2, 3, 4)
@@ -87,28 +91,14 @@ class Problem:
         return "channels_last" if self.channels_last else "contiguous"
 
     @property
-    def op(self) -> str:
-        """The op-table name of the family."""
-        return self.family.replace("_", " ")
-
-
-@dataclass(frozen=True)
-class SplitGrid:
-    """The split kernel's candidates: (accumulator tile bytes, warps) pairs, at the default's stages, grid and
-    register budget. The GPU's are those under which no variant spills on sm_80 or sm_90 (perf/aot.py
-    --sample on a table of candidates: 8 KB with 4 warps and 16 KB with 4 or 8 spill 60-1172 bytes)."""
-
-    tiles_and_warps: tuple = ((4096, 4), (4096, 8), (8192, 8))
-    model: str = "sknet50"
-    image_size: int = 224
-    units: int = 99  # distinct SK unit problems timed, in the order the network meets them
+    def family_problem(self) -> families.Problem:
+        """The problem as its family's entry takes it."""
+        return families.Problem(self.B, self.C, self.H, self.W, ops.BRANCHES, DTYPES[self.dtype], self.channels_last)
 
 
 GPU_GRID = Grid()
-GPU_SPLIT = SplitGrid()
-DRY_SPLIT = SplitGrid(tiles_and_warps=((2048, 4), (4096, 4)), model="sknet_tiny", image_size=16, units=1)
 GPU_SHAPES = ops.SHAPES
-DRY_GRID = Grid(forward_tiles=(2048, 4096), backward_tiles=(2048,), warps=(4,), programs_per_sm=(4, 16),
+DRY_GRID = Grid(forward_tiles=(2048, 4096), small_tiles=(2048,), warps=(4,), programs_per_sm=(4, 16),
                 stages=(2, 3), replays=2)
 DRY_SHAPES = ((16, 4, 4),)
 DRY_BATCH = 2
@@ -117,63 +107,37 @@ DRY_BATCH = 2
 def problems(shapes, dtypes, layouts, batch: int) -> list[Problem]:
     """Every (family, shape, dtype, layout), shape by shape from the largest."""
     return [Problem(family, dtype, layout == "channels_last", batch, C, H, W)
-            for (C, H, W), layout, dtype, family in itertools.product(shapes, layouts, dtypes, FAMILIES)]
+            for (C, H, W), layout, dtype, family in itertools.product(shapes, layouts, dtypes, SWEPT)]
 
 
 def _launcher_call(problem: Problem, inputs: dict) -> Callable[[], object]:
-    """One launch of the problem's family through its launcher (what the op calls), on ``inputs``."""
+    """One launch of the problem's family through its launcher (what the op calls), on ``inputs``: the
+    family's tuned call."""
     from sknet_triton import launch
 
-    branches, logits = inputs["branches"], inputs["logits"]
-    if problem.family == "fuse_fwd":
-        return lambda: launch.fuse_forward(branches, None, None, False)
-    if problem.family == "fuse_bwd":
-        return lambda: launch.fuse_relu_backward(inputs["grad_s"], branches, inputs["scale"], inputs["bias"])
-    if problem.family == "select_fwd":
-        return lambda: launch.select_forward(branches, logits, None, None, False)
-    return lambda: launch.select_backward(inputs["grad_out"], branches, logits, None, None, False)
-
-
-def _reference(problem: Problem, inputs: dict) -> list:
-    """What the problem's launcher must return, by the plain-PyTorch reference and autograd."""
-    from sknet_triton import reference
-
-    branches, logits = inputs["branches"], inputs["logits"]
-    if problem.family == "fuse_fwd":
-        return [reference.sk_fuse(branches)]
-    if problem.family == "select_fwd":
-        return [reference.sk_select(branches, logits)]
-    leaves = [b.detach().requires_grad_() for b in branches]
-    if problem.family == "fuse_bwd":
-        out = reference.sk_fuse(leaves, inputs["scale"], inputs["bias"], True)
-        return list(torch.autograd.grad(out, leaves, inputs["grad_s"]))
-    logits_leaf = logits.detach().requires_grad_()
-    return list(torch.autograd.grad(reference.sk_select(leaves, logits_leaf), leaves + [logits_leaf], inputs["grad_out"]))
+    call = families.FAMILIES[problem.family].calls(inputs)[0]
+    return lambda: launch.launcher(problem.family)(*call)
 
 
 def _inputs(problem: Problem, device: torch.device, seed: int) -> dict:
-    return ops.make_inputs(problem.B, problem.C, problem.H, problem.W, ops.DTYPES[problem.dtype], problem.layout,
-                           device, seed)
+    return families.problem_inputs(problem.family, problem.family_problem, device, seed)
 
 
 def _min_bytes(problem: Problem) -> int:
-    element_size = torch.empty((), dtype=ops.DTYPES[problem.dtype]).element_size()
-    return ops.bytes_model.op_min_bytes(problem.op, ops.BRANCHES, problem.B * problem.C * problem.H * problem.W,
-                                        element_size)
+    return bytes_model.op_min_bytes(problem.family, ops.BRANCHES, problem.B * problem.C * problem.H * problem.W,
+                                    DTYPES[problem.dtype].itemsize)
 
 
 def candidates(problem: Problem, grid: Grid, stage: int, best=None) -> list:
     """The configurations of search ``stage`` (1, 2 or 3) for ``problem``; ``best``: the previous stage's winner."""
-    from sknet_triton import launch
-
-    default = launch.default_config(problem.family, ops.BRANCHES)
+    default = families.default_config(problem.family, ops.BRANCHES)
     if stage == 1:
-        tiles = grid.backward_tiles if launch.FAMILIES[problem.family].backward else grid.forward_tiles
-        return [launch.Config(t, w, default.num_stages, default.programs_per_sm)
+        tiles = grid.small_tiles if families.FAMILIES[problem.family].small_tiles else grid.forward_tiles
+        return [tuned.Config(t, w, default.num_stages, default.programs_per_sm, default.maxnreg)
                 for t, w in itertools.product(tiles, grid.warps)]
     if stage == 2:
-        return [launch.Config(best.tile_bytes, best.num_warps, best.num_stages, p) for p in grid.programs_per_sm]
-    return [launch.Config(best.tile_bytes, best.num_warps, s, best.programs_per_sm) for s in grid.stages]
+        return [replace(best, programs_per_sm=p) for p in grid.programs_per_sm]
+    return [replace(best, num_stages=s) for s in grid.stages]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -182,12 +146,10 @@ def candidates(problem: Problem, grid: Grid, stage: int, best=None) -> list:
 
 def _compile_in_worker(problem: Problem, configs: list) -> int:
     """Launch ``problem`` once with each of ``configs`` on this process's GPU (run in a worker process)."""
-    from sknet_triton import launch
-
     device = torch.device("cuda")
     call = _launcher_call(problem, _inputs(problem, device, seed=0))
     for config in configs:
-        with launch.forcing_config(config):
+        with planning.forcing_config(config):
             call()
     torch.cuda.synchronize()
     return len(configs)
@@ -207,25 +169,6 @@ def compile_ahead(pool, work: list[tuple[Problem, list]], desc: str) -> None:
 # Timing and checking.
 
 
-def _input_set_count(min_bytes: int, device: torch.device) -> int:
-    """Input sets to cycle through: enough to overflow the L2 cache on a GPU; one on the CPU."""
-    return ops.input_sets_needed(min_bytes, device) if device.type == "cuda" else 1
-
-
-def _time_us(calls: list, device: torch.device, replays: int) -> float:
-    """GPU µs of one call (CUDA-graph replay, perf/ops.py's); on the CPU, its stand-in in a dry run: the
-    median wall time of a call after a first, slower one."""
-    if device.type == "cuda":
-        return ops.gpu_time_us(calls, replays)
-    calls[0]()
-    times = []
-    for index in range(replays):
-        start = time.perf_counter()
-        calls[index % len(calls)]()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
-
-
 class Timer:
     """Times candidate configurations of problems, keeping each problem's input sets between stages."""
 
@@ -237,31 +180,27 @@ class Timer:
         """The problem's input sets (enough to overflow the L2 cache on a GPU; one on the CPU)."""
         if problem not in self.inputs:
             self.inputs.clear()  # one problem at a time in memory
-            count = _input_set_count(_min_bytes(problem), self.device)
+            count = input_sets_needed(_min_bytes(problem), self.device)
             self.inputs[problem] = [_inputs(problem, self.device, seed) for seed in range(count)]
         return self.inputs[problem]
 
     def time_us(self, problem: Problem, config) -> float:
         """GPU µs of one launch of ``problem`` with ``config`` (wall µs on the CPU)."""
-        from sknet_triton import launch
-
         calls = [_launcher_call(problem, inputs) for inputs in self.sets(problem)]
-        with launch.forcing_config(config):
-            return _time_us(calls, self.device, self.grid.replays)
+        with planning.forcing_config(config):
+            return device_time_us(calls, self.device, self.grid.replays)
 
 
 def verify(problem: Problem, config, device: torch.device) -> float:
-    """Relative error of ``problem``'s launcher with ``config`` against the reference, on fresh inputs. On a
-    GPU, a block as large as the outputs is filled with NaN and freed first: the caching allocator likely
-    hands it to the outputs, so that an element never written shows as NaN."""
-    from sknet_triton import launch
-
+    """Relative error of ``problem``'s launcher with ``config`` against its family's float64 reference, on
+    fresh inputs. On a GPU, a block as large as the outputs is filled with NaN and freed first: the caching
+    allocator likely hands it to the outputs, so that an element never written shows as NaN."""
     inputs = _inputs(problem, device, seed=1234)
-    expected = _reference(problem, inputs)
+    expected = families.FAMILIES[problem.family].reference(inputs)
     if device.type == "cuda":
         torch.full((4 * sum(e.numel() for e in expected),), float("nan"), device=device)  # freed at once
-    with launch.forcing_config(config):
-        actual = ops.outputs(_launcher_call(problem, inputs)())
+    with planning.forcing_config(config):
+        actual = families.flatten(_launcher_call(problem, inputs)())
     return relative_error(actual, expected)
 
 
@@ -272,8 +211,6 @@ def tune(problem_list: list[Problem], grid: Grid, device: torch.device, budget_s
     Returns the winners (one row per problem: its best configuration and time beside the default's, and
     the check) and every candidate timed. Problems not reached within ``budget_s`` are left untuned (their
     rows say so)."""
-    from sknet_triton import launch
-
     started = time.perf_counter()
     timer = Timer(device, grid)
     records, best = [], {}
@@ -296,7 +233,7 @@ def tune(problem_list: list[Problem], grid: Grid, device: torch.device, budget_s
                     us = timer.time_us(problem, config)
                 except Exception as error:  # a candidate that fails to compile or launch is recorded, not fatal
                     records.append({"problem": problem, "stage": stage, "config": config, "µs": float("nan"),
-                                    "error": ops.describe_error(error)})
+                                    "error": describe_error(error)})
                     continue
                 records.append({"problem": problem, "stage": stage, "config": config, "µs": us, "error": ""})
             timed = [r for r in records if r["problem"] == problem and r["µs"] == r["µs"]]
@@ -312,7 +249,7 @@ def tune(problem_list: list[Problem], grid: Grid, device: torch.device, budget_s
         # usually measured already.
         defaults = {}
         for problem in tqdm(list(best), desc="defaults and checks", unit="problem"):
-            default = launch.default_config(problem.family, ops.BRANCHES)
+            default = families.default_config(problem.family, ops.BRANCHES)
             measured = [r["µs"] for r in records if r["problem"] == problem and r["config"] == default]
             defaults[problem] = measured[0] if measured else timer.time_us(problem, default)
     rows = []
@@ -334,119 +271,13 @@ def tune(problem_list: list[Problem], grid: Grid, device: torch.device, budget_s
     return pd.DataFrame(rows), candidates_table
 
 
-# --------------------------------------------------------------------------------------------------------
-# The split kernel against the cuDNN path it replaces.
-
-
-def split_units(grid: SplitGrid, dtype: str, channels_last: bool, batch: int, device: torch.device) -> dict:
-    """The SK units of ``grid.model`` in eval mode (in ``dtype``), one per distinct problem: {(C_in, C, H, W,
-    stride): (unit, the input it received in a forward pass of random images)}, in network order."""
-    import sknet_triton
-    from sknet_triton.layers import SKConv
-
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = sknet_triton.create_model(grid.model, num_classes=10).eval()
-    model = model.to(device, ops.DTYPES[dtype], memory_format=memory_format)
-    units = {}
-
-    def keep_input(unit, args):
-        x = args[0]
-        key = (x.shape[1], unit.out_channels, x.shape[2], x.shape[3], unit.paths[0].conv.stride[0])
-        if key not in units and len(units) < grid.units:
-            units[key] = (unit, x)
-
-    hooks = [m.register_forward_pre_hook(keep_input) for m in model.modules() if isinstance(m, SKConv)]
-    images = torch.randn(batch, 3, grid.image_size, grid.image_size, device=device, dtype=ops.DTYPES[dtype])
-    with torch.no_grad():
-        model(images.to(memory_format=memory_format))
-    for hook in hooks:
-        hook.remove()
-    return units
-
-
-def split_candidates(grid: SplitGrid) -> list:
-    from sknet_triton import launch
-
-    default = launch.default_config(SPLIT_FAMILY, ops.BRANCHES)
-    return [launch.Config(t, w, default.num_stages, default.programs_per_sm, default.maxnreg)
-            for t, w in grid.tiles_and_warps]
-
-
-def tune_split(grid: SplitGrid, dtypes, layouts, batch: int, device: torch.device, replays: int,
-               deadline: float) -> tuple[list[dict], list[dict]]:
-    """Time every SK unit's eval forward with the cuDNN path and with the split kernel under each candidate
-    configuration; check the winner's output against the cuDNN path's. Returns the winner rows (status "ok"
-    only where the kernel beat cuDNN and passed the check) and the candidate rows. Stops starting new units
-    after ``deadline`` (a perf_counter value)."""
-    from sknet_triton import launch, set_split_conv
-
-    rows, records = [], []
-    for dtype, layout in itertools.product(dtypes, layouts):
-        channels_last = layout == "channels_last"
-        units = split_units(grid, dtype, channels_last, batch, device)
-        for (C_in, C, H, W, stride), (unit, x) in tqdm(units.items(), desc=f"split {dtype} {layout}", unit="unit"):
-            Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
-            base = {"family": SPLIT_FAMILY, "dtype": dtype, "channels_last": channels_last, "B": batch, "C": C,
-                    "H": Ho, "W": Wo, "layout": layout, "C_in": C_in, "stride": stride}
-            if time.perf_counter() > deadline:
-                rows.append({**base, "status": "not tuned", "reason": "not reached within the budget"})
-                continue
-            count = _input_set_count(x.numel() * x.element_size() * (1 + ops.BRANCHES), device)
-            sets = [x] + [torch.randn_like(x) for _ in range(count - 1)]
-            calls = [lambda x=x: unit(x) for x in sets]
-
-            def time_us(split_conv: str) -> float:
-                set_split_conv(unit, split_conv)
-                with torch.no_grad():
-                    return _time_us(calls, device, replays)
-
-            cudnn_us = time_us("cudnn")
-            set_split_conv(unit, "triton")
-            with torch.no_grad():
-                if not unit.split_kernel_applies(x):
-                    raise RuntimeError(f"the split kernel does not apply to {grid.model}'s unit {base}")
-            timed = []
-            for config in split_candidates(grid):
-                with launch.forcing_config(config, SPLIT_FAMILY):
-                    try:
-                        us = time_us("triton")
-                        error = ""
-                    except Exception as failure:  # recorded, not fatal
-                        us, error = float("nan"), ops.describe_error(failure)
-                records.append({**base, "stage": 1, **asdict(config), "µs": us, "error": error})
-                if us == us:
-                    timed.append((us, config))
-            if not timed:
-                rows.append({**base, "cudnn µs": cudnn_us, "status": "failed", "reason": records[-1]["error"]})
-                continue
-            best_us, best = min(timed, key=lambda t: t[0])
-            with torch.no_grad():
-                set_split_conv(unit, "cudnn")
-                expected = unit(x)
-                set_split_conv(unit, "triton")
-                with launch.forcing_config(best, SPLIT_FAMILY):
-                    actual = unit(x)
-            error = relative_error([actual], [expected])
-            tolerance = OP_TOLERANCE[dtype]
-            status, reason = "ok", ""
-            if not error <= tolerance:
-                status, reason = "wrong", f"differs from the cuDNN path by {error:.3g} > {tolerance:g}; not written"
-            elif best_us >= cudnn_us:
-                status, reason = "slower than cuDNN", "not written: split_conv='auto' keeps cuDNN here"
-            rows.append({**base, **asdict(best), "best µs": best_us, "cudnn µs": cudnn_us, "× vs cudnn": cudnn_us / best_us,
-                         "candidates": len(timed), "check err": error, "status": status, "reason": reason})
-    return rows, records
-
-
-def table_json(winners: pd.DataFrame, env: dict, arch: str) -> dict:
-    """The tuned table (sknet_triton/tuned/README.md's format) of the checked winners."""
-    config_fields = ("tile_bytes", "num_warps", "num_stages", "programs_per_sm", "maxnreg")
-    entries = [{"family": r["family"], "dtype": r["dtype"], "channels_last": bool(r["channels_last"]), "M": ops.BRANCHES,
-                "B": int(r["B"]), "C": int(r["C"]), "HW": int(r["H"] * r["W"]),
-                "config": {f: int(r[f]) for f in config_fields if pd.notna(r.get(f))}}
-               for r in winners[winners["status"] == "ok"].to_dict("records")]
-    return {"arch": arch, "gpu": env["device"], "torch": env["torch"], "triton": env["triton"],
-            "commit": env["commit"], "date": env["date"], "entries": entries}
+def tuned_entries(winners: pd.DataFrame) -> list[tuned.TunedEntry]:
+    """The checked winners as tuned-table entries."""
+    config_fields = [f for f in tuned.Config.__dataclass_fields__]
+    return [tuned.TunedEntry(r["family"], r["dtype"], bool(r["channels_last"]), ops.BRANCHES, int(r["B"]), int(r["C"]),
+                             int(r["H"] * r["W"]),
+                             tuned.Config(**{f: int(r[f]) for f in config_fields if pd.notna(r.get(f))}))
+            for r in winners[winners["status"] == "ok"].to_dict("records")]
 
 
 def _pool(jobs: int):
@@ -476,19 +307,16 @@ def main(argv=None) -> int:
     if not set(dtypes) <= set(ops.DTYPES) or not set(layouts) <= set(ops.LAYOUTS):
         parser.error("--dtypes from bf16,fp32; --layouts from channels_last,contiguous")
     if args.dry_run:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before sknet_triton is imported
         device, grid, shapes, batch, jobs, arch = torch.device("cpu"), DRY_GRID, DRY_SHAPES, DRY_BATCH, 0, "dry_run"
-        split_grid = DRY_SPLIT
+        split_grid = tune_split.DRY_SPLIT
         table_path = args.table or Path(tempfile.mkdtemp(prefix="sknet_tune_")) / "sm_dry_run.json"
     else:
         if not torch.cuda.is_available():
             parser.error("tuning needs a CUDA GPU (--dry-run runs a tiny grid on the CPU)")
-        from sknet_triton import launch
-
         device, grid, shapes, batch, jobs = torch.device("cuda"), GPU_GRID, GPU_SHAPES, ops.BATCH, args.jobs
-        split_grid = GPU_SPLIT
-        arch = launch.arch_name(device)
-        table_path = args.table or launch.TUNED_DIR / f"{arch}.json"
+        split_grid = tune_split.GPU_SPLIT
+        arch = tuned.arch_name(device)
+        table_path = args.table or tuned.TUNED_DIR / f"{arch}.json"
     from sknet_triton import ops as sk_ops
 
     if sk_ops.kernel_path(device) == "reference":
@@ -500,8 +328,8 @@ def main(argv=None) -> int:
     split_rows, split_records = [], []
     if split_budget_s > 0:
         with torch.cuda.stream(torch.cuda.Stream(device)) if device.type == "cuda" else contextlib.nullcontext():
-            split_rows, split_records = tune_split(split_grid, dtypes, layouts, batch, device, grid.replays,
-                                                   time.perf_counter() + split_budget_s)
+            split_rows, split_records = tune_split.tune_split(split_grid, dtypes, layouts, batch, device,
+                                                              grid.replays, time.perf_counter() + split_budget_s)
     problem_list = problems(shapes, dtypes, layouts, batch)
     pool = _pool(jobs)
     try:
@@ -511,8 +339,8 @@ def main(argv=None) -> int:
             pool.shutdown()
     winners = pd.concat([winners, pd.DataFrame(split_rows)], ignore_index=True)
     every = pd.concat([every, pd.DataFrame(split_records)], ignore_index=True)
-    table_path.parent.mkdir(parents=True, exist_ok=True)
-    table_path.write_text(json.dumps(table_json(winners, env, arch), indent=1) + "\n")
+    stamp = {"gpu": env["device"], **{key: env[key] for key in ("torch", "triton", "commit", "date")}}
+    tuned.write_table(table_path, arch, stamp, tuned_entries(winners))
     if args.out:
         report.write_tables(args.out, env, {"tune": every, "winners": winners})
     print(report.format_table(winners))

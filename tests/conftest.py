@@ -39,13 +39,13 @@ def _seed():
 def min_programs():
     """Plans as on a large GPU, on the CPU: ``min_programs(n)`` makes launches cut the H*W axis until they
     have n programs. Plans made meanwhile are dropped afterwards."""
-    from sknet_triton import launch
+    from sknet_triton import planning
 
     with pytest.MonkeyPatch.context() as patch:
 
         def set_count(count: int) -> None:
-            patch.setattr(launch, "CPU_MIN_PROGRAMS", count)
-            launch.plan.cache_clear()
+            patch.setattr(planning, "CPU_MIN_PROGRAMS", count)
+            planning.clear_plans()
 
         yield set_count
-    launch.plan.cache_clear()
+    planning.clear_plans()

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 
 from perf import aot
-from sknet_triton import launch
+from sknet_triton.families import FAMILIES
 from tests import aot_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("family", list(launch.FAMILIES))
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_specialization_compiles_without_spills(family, tmp_path, record_property):
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     table = tmp_path / "aot.csv"
@@ -36,10 +36,10 @@ def test_every_specialization_compiles_without_spills(family, tmp_path, record_p
         record_property(aot_tables.PROPERTY, str(table))
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     rows = aot.read_table(table)
-    expected = [(spec.name, arch) for spec in launch.specializations() if spec.family == family and aot.in_sample(spec)
+    expected = [(spec.name, arch) for spec in aot.specializations() if spec.family == family and aot.in_sample(spec)
                 for arch in aot.DEFAULT_ARCHS]
     assert sorted((r.kernel, r.arch) for r in rows) == sorted(expected)
     assert not any(r.spills for r in rows)
     assert all(r.widest_load_bytes >= r.vector_bytes for r in rows)
     # The load-width rule holds a streaming family to something.
-    assert any(r.vector_bytes >= 8 for r in rows) == launch.FAMILIES[family].streaming
+    assert any(r.vector_bytes >= 8 for r in rows) == FAMILIES[family].streaming

@@ -373,11 +373,11 @@ TRACE_SCRIPT = textwrap.dedent('''
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch._functorch.aot_autograd import aot_function
     from functorch.compile import make_boxed_func
-    from sknet_triton import launch
+    from sknet_triton import launch, planning, tuned
 
     assert not launch.INTERPRETED
-    launch.arch_name = lambda device: "sm_90"  # no GPU here to ask: an H100's
-    launch.min_programs = lambda device, config: 132 * config.programs_per_sm
+    tuned.arch_name = lambda device: "sm_90"  # no GPU here to ask: an H100's
+    planning.min_programs = lambda device, config: 132 * config.programs_per_sm
     T = torch.ops.sknet_triton
 
     def bn_ops(u0, u1, weight, bias, logits, grad_out, grad_s):

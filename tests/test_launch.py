@@ -6,63 +6,65 @@ import json
 import pytest
 import torch
 
-from perf.aot import signature
-from sknet_triton import launch
+from perf.accuracy import relative_error
+from perf.aot import Specialization, signature, specializations
+from sknet_triton import launch, planning, tuned
+from sknet_triton.families import FAMILIES, FORWARD_DEFAULT, Problem, flatten, problem_inputs
 from tests.helpers import DEVICE, requires_kernels
-from tests.ops_inputs import make_branches, make_logits, make_prologue
+from tests.ops_inputs import poisoned_allocations
 
 pytestmark = requires_kernels
 
 SHAPES = [(2, 24, 9, 11), (1, 130, 5, 7), (3, 16, 32, 32), (1, 1, 1, 1)]
 
 
-def recorded_launches(shape, M, dtype, channels_last, prologue, stacked):
-    """What the op launchers launch for one problem (recorded, not run); the split with input and output
-    of the branches' shape, with every group width (the FMA loop and each tensor-core block) and stride."""
-    branches = make_branches(shape, M, dtype, channels_last, stacked)
-    branches = [branches] if stacked else branches
-    logits = make_logits(shape[0], M, shape[1], dtype)
-    scale, bias, relu = make_prologue(prologue, M, shape[1])
-    grad_out = torch.randn(shape, device=DEVICE).to(dtype)
+def recorded_launches(family, shape, M, dtype, channels_last, stacked):
+    """What ``family``'s launcher launches (recorded, not run) for every call its registry entry lists on
+    one problem (for the split: input and output of the branches' shape, every group width and stride)."""
+    inputs = problem_inputs(family, Problem(*shape, M, dtype, channels_last, stacked), DEVICE, seed=0)
     with launch.recording() as launches:
-        launch.fuse_forward(branches, scale, bias, relu)
-        launch.fuse_relu_backward(torch.randn(shape[:2], device=DEVICE), branches, scale, bias)
-        launch.select_forward(branches, logits, scale, bias, relu)
-        launch.select_backward(grad_out, branches, logits, scale, bias, relu)
-        s, stats = launch.batch_norm_train_forward(branches, scale, bias, 1e-5)
-        launch.select_forward(branches, logits, stats[launch.BN_SCALE], stats[launch.BN_SHIFT], True)
-        _, handoff = launch.select_bn_backward(grad_out, branches, logits, stats)
-        launch.fuse_bn_backward(s, grad_out, branches, stats, handoff)
-        C = shape[1]
-        x = torch.randn(shape, device=DEVICE).to(dtype)
-        x = x.to(memory_format=torch.channels_last) if channels_last else x
-        folded = torch.rand(M, C, device=DEVICE)
-        for group_in, stride in itertools.product(sorted({g for g in (1, 4, 8, 16, C) if C % g == 0}), (1, 2)):
-            weight = torch.randn(M, C, group_in, 3, 3, device=DEVICE).to(dtype)
-            launch.split_forward(x, weight, folded, folded, stride, False)
+        for call in FAMILIES[family].calls(inputs):
+            launch.launcher(family)(*call)
+    assert {recorded.family for recorded in launches} <= {family}, "a launcher launches its family's kernel alone"
     return launches
 
 
 def key(family, args, constexprs, options):
-    types, _ = signature(launch.Specialization(family, args, constexprs, options))
+    types, _ = signature(Specialization(family, args, constexprs, options))
     return family, tuple(sorted(types.items())), tuple(sorted(constexprs.items())), tuple(sorted(options.items()))
 
 
 @pytest.fixture(scope="module")
 def compiled_keys():
-    return {key(s.family, s.args, s.constexprs, s.options) for s in launch.specializations()}
+    return {key(s.family, s.args, s.constexprs, s.options) for s in specializations()}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_every_launch_is_a_compiled_specialization(dtype, compiled_keys):
-    checked = 0
-    for shape, M, channels_last, prologue, stacked in itertools.product(
-        SHAPES, (2, 3, 4), (False, True), ("none", "affine_relu", "relu"), (False, True)
+    launched = set()
+    for family, shape, M, channels_last, stacked in itertools.product(
+        FAMILIES, SHAPES, (2, 3, 4), (False, True), (False, True)
     ):
-        for recorded in recorded_launches(shape, M, dtype, channels_last, prologue, stacked):
+        if stacked and family == "split_fwd":
+            continue  # the split kernel reads one image, not branches
+        for recorded in recorded_launches(family, shape, M, dtype, channels_last, stacked):
             assert key(recorded.family, recorded.args, recorded.constexprs, recorded.options) in compiled_keys, recorded
-            checked += 1
-    assert checked > 500
+            launched.add(recorded.family)
+    assert launched == set(FAMILIES)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_each_entry_calls_its_launcher_as_its_reference_says(family, monkeypatch):
+    """A family's tuned call (what perf/tune.py times and checks) against the entry's float64 oracle, on
+    fresh inputs, with outputs poisoned before the kernel writes them: the tuner's check can fail."""
+    problem = Problem(2, 24, 5, 7, 2, torch.float32, True)
+    inputs = problem_inputs(family, problem, DEVICE, seed=3)
+    with poisoned_allocations(monkeypatch):
+        actual = flatten(launch.launcher(family)(*FAMILIES[family].calls(inputs)[0]))
+    assert relative_error(actual, FAMILIES[family].reference(inputs)) < 1e-5
+    # Another problem's oracle is orders of magnitude further.
+    other = FAMILIES[family].reference(problem_inputs(family, problem, DEVICE, seed=4))
+    assert relative_error(actual, other) > 1e-1
 
 
 def write_table(path, entries):
@@ -80,33 +82,33 @@ def tuned_sm_99(tmp_path, monkeypatch):
     small = dict(tile_bytes=2048, num_warps=2, num_stages=2, programs_per_sm=2)
     large = dict(tile_bytes=16384, num_warps=4, num_stages=4, programs_per_sm=8)
     write_table(tmp_path / "sm_99.json", [entry("select_fwd", 16, 64, small), entry("select_fwd", 512, 3136, large)])
-    monkeypatch.setattr(launch, "TUNED_DIR", tmp_path)
-    monkeypatch.setattr(launch, "arch_name", lambda device: "sm_99")
-    for cached in (launch.tuned_table, launch.plan):
-        cached.cache_clear()
-    yield launch.Config(**small), launch.Config(**large)
-    for cached in (launch.tuned_table, launch.plan):
-        cached.cache_clear()
+    monkeypatch.setattr(tuned, "TUNED_DIR", tmp_path)
+    monkeypatch.setattr(tuned, "arch_name", lambda device: "sm_99")
+    tuned.tuned_table.cache_clear()
+    planning.clear_plans()
+    yield tuned.Config(**small), tuned.Config(**large)
+    tuned.tuned_table.cache_clear()
+    planning.clear_plans()
 
 
 def test_a_tuned_table_picks_the_nearest_problem_of_the_same_kind(tuned_sm_99):
     small, large = tuned_sm_99
-    table = launch.tuned_table("sm_99")
-    assert launch.choose_config(table, "select_fwd", torch.float32, True, 2, 8, 24, 100) == small
-    assert launch.choose_config(table, "select_fwd", torch.float32, True, 2, 64, 256, 784) == large
+    table = tuned.tuned_table("sm_99")
+    assert planning.choose_config(table, "select_fwd", torch.float32, True, 2, 8, 24, 100) == small
+    assert planning.choose_config(table, "select_fwd", torch.float32, True, 2, 64, 256, 784) == large
     # Another family, dtype, layout or M: the defaults.
-    assert launch.choose_config(table, "fuse_fwd", torch.float32, True, 2, 8, 16, 64) == launch.FORWARD_DEFAULT
-    assert launch.choose_config(table, "select_fwd", torch.bfloat16, True, 2, 8, 16, 64) == launch.FORWARD_DEFAULT
-    assert launch.choose_config(table, "select_fwd", torch.float32, False, 2, 8, 16, 64) == launch.FORWARD_DEFAULT
-    assert launch.choose_config(table, "select_fwd", torch.float32, True, 3, 8, 16, 64) == launch.FORWARD_DEFAULT
+    assert planning.choose_config(table, "fuse_fwd", torch.float32, True, 2, 8, 16, 64) == FORWARD_DEFAULT
+    assert planning.choose_config(table, "select_fwd", torch.bfloat16, True, 2, 8, 16, 64) == FORWARD_DEFAULT
+    assert planning.choose_config(table, "select_fwd", torch.float32, False, 2, 8, 16, 64) == FORWARD_DEFAULT
+    assert planning.choose_config(table, "select_fwd", torch.float32, True, 3, 8, 16, 64) == FORWARD_DEFAULT
 
 
 def test_tuned_configurations_are_launched_and_compiled(tuned_sm_99):
     small, _ = tuned_sm_99
-    [select] = [r for r in recorded_launches((2, 24, 9, 11), 2, torch.float32, True, "none", False)
-                if r.family == "select_fwd" and not r.constexprs["AFFINE"]]
+    [select] = [r for r in recorded_launches("select_fwd", (2, 24, 9, 11), 2, torch.float32, True, False)
+                if not r.constexprs["AFFINE"] and not r.constexprs["RELU"]]
     assert select.options == dict(num_warps=small.num_warps, num_stages=small.num_stages)
     assert select.constexprs["BLOCK_C"] * select.constexprs["BLOCK_HW"] == small.tile_bytes // 4
-    assert small in launch.reachable_configs("select_fwd", 2)
-    compiled = {key(s.family, s.args, s.constexprs, s.options) for s in launch.specializations((torch.float32,))}
+    assert small in planning.reachable_configs("select_fwd", 2)
+    compiled = {key(s.family, s.args, s.constexprs, s.options) for s in specializations((torch.float32,))}
     assert key(select.family, select.args, select.constexprs, select.options) in compiled

@@ -23,8 +23,8 @@ RESULT_FILES = report.RESULT_FILES
 
 
 def test_pass_counts_match_the_floor_of_each_op():
-    assert [bytes_model.OP_PASSES[op](2) for op in ("fuse fwd", "select fwd", "fuse bwd", "select bwd")] == [2, 3, 4, 5]
-    assert bytes_model.OP_PASSES["select bwd"](3) == 7  # dV + 3 branches read, 3 gradients written
+    assert [bytes_model.kernel_passes(f, 2) for f in ("fuse_fwd", "select_fwd", "fuse_bwd", "select_bwd")] == [2, 3, 4, 5]
+    assert bytes_model.kernel_passes("select_bwd", 3) == 7  # dV + 3 branches read, 3 gradients written
     assert bytes_model.fused_forward_passes(2) == 5
     # BN + ReLU 8, stack 4, sum 3, mean 1, multiply 4, sum 3
     assert bytes_model.eager_forward_passes(2) == 23

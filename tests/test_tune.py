@@ -9,13 +9,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from perf import tune
-from sknet_triton import launch
+from perf import tune, tune_split
+from sknet_triton import families, launch, planning, tuned
 from tests.helpers import requires_kernels
 from tests.ops_inputs import make_branches, make_logits
 
 REPO = Path(__file__).resolve().parents[1]
-FORCED = launch.Config(tile_bytes=2048, num_warps=2, num_stages=2, programs_per_sm=1)
+FORCED = tuned.Config(tile_bytes=2048, num_warps=2, num_stages=2, programs_per_sm=1)
 
 
 def select_launch():
@@ -28,11 +28,11 @@ def select_launch():
 @requires_kernels
 def test_forcing_config_steers_every_launch_and_ends_with_the_block():
     before = select_launch()
-    with launch.forcing_config(FORCED):
-        assert launch.choose_config((), "select_bwd", torch.bfloat16, False, 3, 1, 1, 1) == FORCED
+    with planning.forcing_config(FORCED):
+        assert planning.choose_config((), "select_bwd", torch.bfloat16, False, 3, 1, 1, 1) == FORCED
         forced = select_launch()
-    with launch.forcing_config(FORCED, "split_fwd"):  # one family's: the others keep their own
-        assert launch.choose_config((), "split_fwd", torch.bfloat16, False, 3, 1, 1, 1) == FORCED
+    with planning.forcing_config(FORCED, "split_fwd"):  # one family's: the others keep their own
+        assert planning.choose_config((), "split_fwd", torch.bfloat16, False, 3, 1, 1, 1) == FORCED
         assert select_launch().options == before.options
     after = select_launch()
     assert forced.options == dict(num_warps=FORCED.num_warps, num_stages=FORCED.num_stages)
@@ -51,18 +51,21 @@ def test_dry_run_writes_a_table_launch_reads(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(table.read_text())
     assert {"arch", "gpu", "torch", "triton", "commit", "entries"} <= set(data)
-    entries = launch.read_table(table)
-    assert {(e.family, e.channels_last) for e in entries if e.family != tune.SPLIT_FAMILY} == {
-        (f, True) for f in tune.FAMILIES}
+    entries = tuned.read_table(table)
+    # Every family the registry sweeps, the training-mode BatchNorm kernels among them.
+    assert {"bn_stats", "select_bn_bwd", "fuse_bn_bwd"} <= set(tune.SWEPT)
+    assert set(tune.SWEPT) == set(families.FAMILIES) - {tune_split.SPLIT_FAMILY}
+    assert {(e.family, e.channels_last) for e in entries if e.family != tune_split.SPLIT_FAMILY} == {
+        (f, True) for f in tune.SWEPT}
     winners = pd.read_csv(tmp_path / "winners.csv")
     assert (winners["check err"] < 1e-4).all()
-    swept = winners[winners["family"] != tune.SPLIT_FAMILY]
+    swept = winners[winners["family"] != tune_split.SPLIT_FAMILY]
     assert (swept["status"] == "ok").all()
     # The split kernel against cuDNN, one SK unit: an entry only where it was faster.
-    split = winners[winners["family"] == tune.SPLIT_FAMILY]
+    split = winners[winners["family"] == tune_split.SPLIT_FAMILY]
     assert split["channels_last"].tolist() == [True]
     assert ((split["best µs"] < split["cudnn µs"]) == (split["status"] == "ok")).all()
-    assert sum(e.family == tune.SPLIT_FAMILY for e in entries) == (split["status"] == "ok").sum()
+    assert sum(e.family == tune_split.SPLIT_FAMILY for e in entries) == (split["status"] == "ok").sum()
     candidates = pd.read_csv(tmp_path / "tune.csv")
     assert set(candidates["stage"]) == {1, 2, 3} and candidates["µs"].gt(0).all()
     # Each winner is the fastest candidate measured for its problem.
@@ -73,14 +76,15 @@ def test_dry_run_writes_a_table_launch_reads(tmp_path):
 
 def test_table_keeps_each_configuration_whole(tmp_path):
     """A register budget is written where a configuration has one (the split kernel's), and only there."""
-    split, fuse = launch.default_config(tune.SPLIT_FAMILY, 2), launch.default_config("fuse_fwd", 2)
+    split, fuse = families.default_config(tune_split.SPLIT_FAMILY, 2), families.default_config("fuse_fwd", 2)
     assert split.maxnreg is not None and fuse.maxnreg is None
     problem = {"dtype": "bf16", "channels_last": True, "B": 8, "C": 64, "H": 7, "W": 7, "status": "ok"}
-    winners = pd.DataFrame([{**problem, "family": tune.SPLIT_FAMILY, **asdict(split)},
+    winners = pd.DataFrame([{**problem, "family": tune_split.SPLIT_FAMILY, **asdict(split)},
                             {**problem, "family": "fuse_fwd", **asdict(fuse)},
                             {**problem, "family": "fuse_bwd", **asdict(fuse), "status": "wrong"}])
-    env = {"device": "test", "torch": "0", "triton": "0", "commit": "0", "date": "0"}
+    stamp = {"gpu": "test", "torch": "0", "triton": "0", "commit": "0", "date": "0"}
     table = tmp_path / "sm_test.json"
-    table.write_text(json.dumps(tune.table_json(winners, env, "sm_test")))
-    assert [(e.family, e.config, e.HW) for e in launch.read_table(table)] == [
-        (tune.SPLIT_FAMILY, split, 49), ("fuse_fwd", fuse, 49)]
+    tuned.write_table(table, "sm_test", stamp, tune.tuned_entries(winners))
+    assert "maxnreg" not in json.loads(table.read_text())["entries"][1]["config"]
+    assert [(e.family, e.config, e.HW) for e in tuned.read_table(table)] == [
+        (tune_split.SPLIT_FAMILY, split, 49), ("fuse_fwd", fuse, 49)]
