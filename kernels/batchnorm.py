@@ -12,7 +12,7 @@ Forward (three reads of the M branches, one write):
     2. The fuse forward kernel with the AFFINE + RELU prologue (scale, shift): s.
     3. The select forward kernel with the same prologue: V.
 
-Backward (DESIGN §7), given dV and ds: dP_m = a_m * dV + ds / HW, dZ = dP * [P > 0], dbeta = sum dZ,
+Backward (DESIGN.md §3), given dV and ds: dP_m = a_m * dV + ds / HW, dZ = dP * [P > 0], dbeta = sum dZ,
 dgamma = sum dZ * x_hat over (B, H, W), dY = scale * (dZ - dbeta / n - x_hat * dgamma / n), n = B * H * W.
 Autograd runs select's backward first (the attention MLP needs dlogits before it can give ds), fuse's after,
 so the work is split between them:

@@ -1,6 +1,6 @@
 """The bytes model: the least memory traffic each SK op needs, and what eager timm moves instead.
 
-Counts are in passes over one branch's N = B * C * H * W elements (DESIGN.md §3). The SK ops are
+Counts are in passes over one branch's N = B * C * H * W elements (DESIGN.md §5). The SK ops are
 memory-bound, so a pass count times N times the element size is the floor their time is measured against.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ def eager_forward_passes(M: int) -> int:
     return batchnorm_and_relu + stack + attention_sum + mean + multiply + select_sum
 
 
-# Training mode (DESIGN.md §7): every branch needs BatchNorm with the batch's statistics and a ReLU. Counts per
+# Training mode (DESIGN.md §3, §5): every branch needs BatchNorm with the batch's statistics and a ReLU. Counts per
 # SK unit after the convolutions (which write the raw branches Y_m either way).
 
 
