@@ -6,9 +6,9 @@ interpreter only runs for the small model.
 """
 import copy
 import re
-import sys
 
 import pytest
+import timm
 import torch
 import torch._dynamo
 import torch.nn.functional as F
@@ -179,7 +179,6 @@ def test_no_classes_gives_pooled_features_and_reset_classifier_adds_a_head():
 
 
 def test_head_matches_timm():
-    timm = pytest.importorskip("timm")
     reference = randomize_batchnorm(timm.create_model("skresnet18", num_classes=0)).eval()
     model = set_backend(create_model("skresnet18", num_classes=0), "torch").eval()
     model.load_state_dict(reference.state_dict())
@@ -199,7 +198,6 @@ def test_head_matches_timm():
 
 
 def test_data_config_resolves_as_timm_s():
-    timm = pytest.importorskip("timm")
     from timm.data import resolve_data_config, resolve_model_data_config
 
     with torch.device("meta"):  # configurations only: no weights needed
@@ -213,7 +211,6 @@ def test_data_config_resolves_as_timm_s():
 
 
 def test_pretrained_names_are_those_timm_has_weights_for():
-    timm = pytest.importorskip("timm")
     assert [name for name in list_models() if timm.is_model_pretrained(name)] == [
         "sknet50", "skresnet18", "skresnet34", "skresnext50_32x4d"
     ]
@@ -228,7 +225,6 @@ def test_pretrained_without_weights_says_so(name):
 
 
 def test_pretrained_download_failure_is_a_clear_error(monkeypatch, tmp_path):
-    pytest.importorskip("timm")
     hub = pytest.importorskip("huggingface_hub.constants")
     # timm's own download path, kept off the network and away from any cached weights.
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
@@ -240,8 +236,6 @@ def test_pretrained_download_failure_is_a_clear_error(monkeypatch, tmp_path):
 
 
 def test_pretrained_loads_timm_s_weights_and_config(monkeypatch):
-    timm = pytest.importorskip("timm")
-    builder = pytest.importorskip("timm.models._builder")
     loads = []
     # timm's skresnext50_32x4d with random weights: what timm's download would give.
     source = randomize_batchnorm(timm.create_model("skresnext50_32x4d", num_classes=NUM_CLASSES))
@@ -251,7 +245,7 @@ def test_pretrained_loads_timm_s_weights_and_config(monkeypatch):
         loads.append((pretrained_cfg["hf_hub_id"], num_classes, in_chans))
         model.load_state_dict(source.state_dict())
 
-    monkeypatch.setattr(builder, "load_pretrained", load_pretrained)
+    monkeypatch.setattr(timm.models._builder, "load_pretrained", load_pretrained)
     model = create_model("sknet50", pretrained=True, num_classes=NUM_CLASSES, drop_rate=0.2)
     assert loads == [("timm/skresnext50_32x4d.ra_in1k", NUM_CLASSES, 3)]
     assert model.pretrained_cfg["hf_hub_id"] == "timm/skresnext50_32x4d.ra_in1k"
@@ -269,7 +263,6 @@ def test_pretrained_loads_timm_s_weights_and_config(monkeypatch):
 
 @pytest.mark.parametrize("name, timm_name", TIMM_EQUIVALENTS)
 def test_matches_timm(name, timm_name):
-    timm = pytest.importorskip("timm")
     reference = randomize_batchnorm(timm.create_model(timm_name, num_classes=NUM_CLASSES))
     model = set_backend(create_model(name, num_classes=NUM_CLASSES), "torch")
     assert list(model.state_dict()) == list(reference.state_dict())
