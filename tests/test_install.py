@@ -1,14 +1,14 @@
 """What the core install (no extras) must be enough for: importing sknet_triton and training.
 
-pandas, matplotlib and timm come with the `perf` and `test` extras only; a subprocess in which they are
-missing shows that neither the package nor a whole (tiny) training run needs them.
+pandas and matplotlib come with the `perf` and `test` extras only; a subprocess in which they are missing
+shows that neither the package nor a whole (tiny) training run needs them.
 """
 import os
 import subprocess
 import sys
 import textwrap
 
-REPORT_ONLY = ("pandas", "matplotlib", "timm")
+REPORT_ONLY = ("pandas", "matplotlib")
 
 PROGRAM = textwrap.dedent(
     """
