@@ -61,11 +61,10 @@ _PAPER_SK_ARGS = dict(rd_ratio=1 / 16, rd_divisor=32, split_input=False)
 # sknet_tiny's max(C / 4, 8), for its 16 to 128 channels.
 _TINY_SK_ARGS = dict(rd_ratio=1 / 4, rd_divisor=8, split_input=False)
 
-# timm's data configurations: sknet50 is timm's skresnext50_32x4d and has its weights (their hub name is kept);
-# the others have no weights and timm's SK ResNet configuration, at 32x32 for sknet_tiny.
-_UNTRAINED_CFG = {
-    key: value for key, value in get_pretrained_cfg("skresnet50").to_dict().items() if key not in ("architecture", "tag")
-}
+# timm's data configurations (register_model names each after its model): sknet50 is timm's skresnext50_32x4d
+# and has its weights (their hub name is kept); the others have no weights and the configuration of timm's
+# untrained SK ResNets, at 32x32 for sknet_tiny.
+_UNTRAINED_CFG = get_pretrained_cfg("skresnet50").to_dict()
 default_cfgs = generate_default_cfgs({
     "sknet50.ra_in1k": get_pretrained_cfg("skresnext50_32x4d.ra_in1k").to_dict(),
     "sknet101.untrained": _UNTRAINED_CFG,
