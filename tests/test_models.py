@@ -116,7 +116,7 @@ BAD_MODEL_ARGUMENTS = {
     ),
     "out_indices count 0": (dict(features_only=True, out_indices=0), ValueError, "out_indices must be a positive integer"),
     "out_indices float": (dict(features_only=True, out_indices=[1.0]), TypeError, "out_indices must be an integer, got float"),
-    "output_stride of a 224 model": (
+    "output_stride beyond sknet_tiny's": (
         dict(output_stride=16), ValueError, "output_stride must be one of (2, 4, 8) for 'sknet_tiny', got 16"
     ),
 }

@@ -122,7 +122,8 @@ def test_out_indices_and_forward_intermediates_give_the_stage_outputs():
             lambda module, inputs, output, stage=stage: stage_outputs.update({stage: output})
         )
     backbone = set_backend(create_model(SMALL_MODEL, features_only=True, out_indices=(1, -1)), "torch").eval()
-    backbone.load_state_dict(model.state_dict(), strict=False)  # all but the classifier
+    loaded = backbone.load_state_dict(model.state_dict(), strict=False)
+    assert not loaded.missing_keys and sorted(loaded.unexpected_keys) == ["fc.bias", "fc.weight"]
     assert backbone.feature_info.module_name() == ["layer1", "layer4"]
     x = images()
     with torch.no_grad():
