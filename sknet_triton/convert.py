@@ -8,12 +8,13 @@
 from __future__ import annotations
 
 import re
-import sys
 import warnings
 from collections import OrderedDict
-from typing import Mapping, NamedTuple, Optional
+from typing import Mapping, Optional
 
 import torch
+from timm.layers import BatchNormAct2d, ConvNormAct, SelectiveKernel
+from timm.layers.selective_kernel import SelectiveKernelAttn
 from torch import Tensor, nn
 
 from sknet_triton.layers import SKConv
@@ -151,79 +152,52 @@ def accelerate(model: nn.Module) -> nn.Module:
     carried over. SelectiveKernels the SKConv cannot represent exactly (anti-aliasing or drop layers,
     normalizations other than BatchNorm, subclasses) are left as they are, with a warning.
 
-    Works on any ``nn.Module``; without timm loaded there is nothing to replace. Calling it again changes
-    nothing. Returns ``model``, or the SKConv when ``model`` itself is a SelectiveKernel. A model with no
-    SK unit at all (neither a SelectiveKernel nor an SKConv) is returned as it is, with a UserWarning; an
-    argument that is not an ``nn.Module`` raises TypeError.
+    Works on any ``nn.Module``. Calling it again changes nothing. Returns ``model``, or the SKConv when
+    ``model`` itself is a SelectiveKernel. A model with no SK unit at all (neither a SelectiveKernel nor an
+    SKConv) is returned as it is, with a UserWarning; an argument that is not an ``nn.Module`` raises TypeError.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"accelerate: model must be a torch.nn.Module, got {type(model).__name__}")
-    timm_classes = _loaded_timm_classes()
-    sk_types = (SKConv,) if timm_classes is None else (SKConv, timm_classes.selective_kernel)
-    if not any(isinstance(module, sk_types) for module in model.modules()):
+    if not any(isinstance(module, (SKConv, SelectiveKernel)) for module in model.modules()):
         warnings.warn(
             f"accelerate: the {type(model).__name__} holds no SK unit (timm SelectiveKernel or SKConv): nothing "
             "to accelerate", stacklevel=2,
         )
         return model
-    if timm_classes is None:
-        return model
-    if isinstance(model, timm_classes.selective_kernel):
-        return _as_skconv(model, "model", timm_classes)
+    if isinstance(model, SelectiveKernel):
+        return _as_skconv(model, "model")
     replaced: dict[int, nn.Module] = {}  # a module shared by several parents is converted once
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, timm_classes.selective_kernel):
+            if isinstance(child, SelectiveKernel):
                 if id(child) not in replaced:
                     qualified = f"{parent_name}.{name}" if parent_name else name
-                    replaced[id(child)] = _as_skconv(child, qualified, timm_classes)
+                    replaced[id(child)] = _as_skconv(child, qualified)
                 setattr(parent, name, replaced[id(child)])
     return model
 
 
-class _TimmClasses(NamedTuple):
-    selective_kernel: type
-    attn: type
-    conv_norm_act: type
-    batch_norm_act: type
-
-
-def _loaded_timm_classes() -> Optional[_TimmClasses]:
-    """timm's SelectiveKernel, SelectiveKernelAttn, ConvNormAct and BatchNormAct2d, if timm is loaded.
-
-    A model can only hold a SelectiveKernel once timm's module defining it is imported, so timm is never
-    imported here.
-    """
-    if "timm.layers.selective_kernel" not in sys.modules:
-        return None
-    from timm.layers.conv_bn_act import ConvNormAct
-    from timm.layers.norm_act import BatchNormAct2d
-    from timm.layers.selective_kernel import SelectiveKernel, SelectiveKernelAttn
-
-    return _TimmClasses(SelectiveKernel, SelectiveKernelAttn, ConvNormAct, BatchNormAct2d)
-
-
-def _unsupported(sk: nn.Module, timm_classes: _TimmClasses) -> Optional[str]:
+def _unsupported(sk: nn.Module) -> Optional[str]:
     """Why ``sk`` cannot become an SKConv computing exactly the same, or None."""
-    if type(sk) is not timm_classes.selective_kernel or type(sk.attn) is not timm_classes.attn:
+    if type(sk) is not SelectiveKernel or type(sk.attn) is not SelectiveKernelAttn:
         return f"{type(sk).__name__} is a subclass of timm's SelectiveKernel"
     if not 2 <= sk.num_paths <= MAX_BRANCHES:
         return f"{sk.num_paths} paths (SKConv takes 2 to {MAX_BRANCHES})"
     for path in sk.paths:
-        if type(path) is not timm_classes.conv_norm_act or not isinstance(path.conv, nn.Conv2d):
+        if type(path) is not ConvNormAct or not isinstance(path.conv, nn.Conv2d):
             return f"its path {type(path).__name__} is not a ConvNormAct with a Conv2d"
         if getattr(path, "aa", None) is not None:
             return "its paths have anti-aliasing layers"
-        if type(path.bn) is not timm_classes.batch_norm_act:
+        if type(path.bn) is not BatchNormAct2d:
             return f"its paths normalize with {type(path.bn).__name__}, not BatchNormAct2d"
         if not isinstance(path.bn.drop, nn.Identity):
             return "its paths have drop layers"
     return None
 
 
-def _as_skconv(sk: nn.Module, name: str, timm_classes: _TimmClasses) -> nn.Module:
+def _as_skconv(sk: nn.Module, name: str) -> nn.Module:
     """An SKConv made of ``sk``'s own modules and tensors, or ``sk`` itself (with a warning) if unsupported."""
-    reason = _unsupported(sk, timm_classes)
+    reason = _unsupported(sk)
     if reason is not None:
         warnings.warn(f"accelerate: {name} stays a timm SelectiveKernel: {reason}", stacklevel=3)
         return sk

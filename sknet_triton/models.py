@@ -1,223 +1,174 @@
-"""Selective Kernel ResNets and the model registry.
+"""The registered models: timm's SK ResNets and the SK networks timm lacks, built by timm, run on SKConv.
 
-:class:`SKResNet` is a ResNet whose 3x3 convolutions are SKConv units. The registered model functions
-configure it as the paper's SKNet-50/101, as timm's SK ResNets (the same architecture and state-dict
-keys, so timm weights load unchanged), and as a small network for tests and CPU demos. Every model
-returns logits [B, num_classes], or with ``num_classes=0`` the pooled features [B, num_features], and has
-timm's head interface (``forward_features``, ``forward_head``, ``reset_classifier``, ``get_classifier``)
-and data configuration (``pretrained_cfg``).
+Every model is timm's ``ResNet`` with timm's SK blocks (``timm.models.sknet``), built by timm's
+``build_model_with_cfg`` and given SKConv units by :func:`~sknet_triton.accelerate`. So each has all of timm's
+model interface (``features_only``, ``out_indices``, ``output_stride``, ``drop_path_rate``, ``global_pool``,
+``feature_info``, ``forward_intermediates``, ``set_grad_checkpointing``, ``group_matcher``, ``pretrained_cfg``,
+the head methods) with timm's meaning, and timm's state-dict keys. The networks timm lacks (``sknet50``,
+``sknet101``, ``sknet_tiny``) are registered in timm's own registry on import, so that
+``timm.create_model("sknet101")`` builds them too; timm's own names stay timm's.
 
     model = sknet_triton.create_model("sknet50", num_classes=100)
     model = sknet_triton.create_model("sknet50", pretrained=True)  # timm's skresnext50_32x4d weights
+    backbone = sknet_triton.create_model("sknet101", features_only=True, out_indices=(2, 3, 4))
 """
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any
 
-import torch.nn.functional as F
-from torch import Tensor, nn
+import timm
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import (
+    ResNet,
+    build_model_with_cfg,
+    generate_default_cfgs,
+    get_pretrained_cfg,
+    is_model_pretrained,
+    register_model,
+)
+from timm.models.sknet import SelectiveKernelBasic, SelectiveKernelBottleneck
+from torch import nn
 
-from sknet_triton.blocks import BlockType, SKBasicBlock, SKBottleneck, make_stage, make_stem
-from sknet_triton.layers import check_bool, check_int, paper_attn_width, timm_attn_width
+from sknet_triton.convert import accelerate
+from sknet_triton.layers import check_bool, check_int
 
 __all__ = [
-    "SKResNet", "create_model", "list_models", "register_model", "default_pretrained_cfg", "MODEL_KWARGS", "PRETRAINED",
-    "IMAGENET_MEAN", "IMAGENET_STD",
+    "create_model", "list_models", "SmallImageResNet", "TIMM_MODELS", "SKNET_MODELS", "MODEL_KWARGS", "GLOBAL_POOLS",
+    "IMAGENET_MEAN", "IMAGENET_STD", "sknet50", "sknet101", "sknet_tiny",
 ]
 
-# What create_model passes to a registered model besides num_classes.
-MODEL_KWARGS = ("in_chans", "drop_rate")
+IMAGENET_MEAN = IMAGENET_DEFAULT_MEAN
+IMAGENET_STD = IMAGENET_DEFAULT_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# timm's own SK ResNets: create_model builds them with timm, then accelerates them.
+TIMM_MODELS = ("skresnet18", "skresnet34", "skresnet50", "skresnet50d", "skresnext50_32x4d")
+# The networks timm lacks, registered in timm's registry below.
+SKNET_MODELS = ("sknet50", "sknet101", "sknet_tiny")
 
-# The registered models with pretrained weights, and the timm model whose weights they are: the same
-# network with the same state-dict keys. (timm has no weights for skresnet50 and skresnet50d.)
-PRETRAINED = {
-    "sknet50": "skresnext50_32x4d",
-    "skresnext50_32x4d": "skresnext50_32x4d",
-    "skresnet18": "skresnet18",
-    "skresnet34": "skresnet34",
-}
+# What create_model passes to timm besides pretrained and num_classes, each with timm's meaning.
+MODEL_KWARGS = ("in_chans", "drop_rate", "drop_path_rate", "global_pool", "features_only", "out_indices", "output_stride")
+# timm's global pooling types ("" for none: the model returns the feature map).
+GLOBAL_POOLS = ("", "avg", "max", "avgmax", "catavgmax")
+# Output strides timm's ResNet builds (stage strides beyond them become dilations), counted from its stem's
+# reduction of the input by 4; the small-image stem keeps the full resolution.
+RESNET_OUTPUT_STRIDES = (8, 16, 32)
+RESNET_STEM_REDUCTION = 4
+SMALL_STEM_OUTPUT_STRIDES = tuple(stride // RESNET_STEM_REDUCTION for stride in RESNET_OUTPUT_STRIDES)
+# Feature levels of a ResNet (stem, four stages): what out_indices index.
+FEATURE_LEVELS = 5
 
-# timm's data configuration of its SK ResNets (timm.models.sknet), which timm.data.resolve_data_config
-# and resolve_model_data_config read from a model's pretrained_cfg; then each model's differences.
-_DATA_CFG = dict(
-    input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875, crop_mode="center", interpolation="bicubic",
-    mean=IMAGENET_MEAN, std=IMAGENET_STD, first_conv="conv1", classifier="fc",
-)
-_DATA_CFG_CHANGES = {
-    "skresnet50d": dict(first_conv="conv1.0"),
-    "sknet_tiny": dict(input_size=(3, 32, 32), pool_size=(4, 4)),
-}
+# The paper's attention width max(C / 16, 32) as timm's SK blocks set it: for the SK widths of ResNeXt 32x4d
+# (128 to 1024 channels), make_divisible(C / 16, 32) is the same number.
+_PAPER_SK_ARGS = dict(rd_ratio=1 / 16, rd_divisor=32, split_input=False)
+# sknet_tiny's max(C / 4, 8), for its 16 to 128 channels.
+_TINY_SK_ARGS = dict(rd_ratio=1 / 4, rd_divisor=8, split_input=False)
 
-_MODELS: dict[str, Callable[..., "SKResNet"]] = {}
+# timm's data configurations (register_model names each after its model): sknet50 is timm's skresnext50_32x4d
+# and has its weights (their hub name is kept); the others have no weights and the configuration of timm's
+# untrained SK ResNets, at 32x32 for sknet_tiny.
+_UNTRAINED_CFG = get_pretrained_cfg("skresnet50").to_dict()
+default_cfgs = generate_default_cfgs({
+    "sknet50.ra_in1k": get_pretrained_cfg("skresnext50_32x4d.ra_in1k").to_dict(),
+    "sknet101.untrained": _UNTRAINED_CFG,
+    "sknet_tiny.untrained": {**_UNTRAINED_CFG, "input_size": (3, 32, 32), "pool_size": (4, 4)},
+})
 
 
-class SKResNet(nn.Module):
-    """A ResNet with Selective Kernel units: stem, four stages of SK residual blocks, average pool, linear.
+class SmallImageResNet(ResNet):
+    """timm's ResNet with a stem for small images such as 32x32: one 3x3 stride-1 convolution to
+    ``stem_width`` channels (BatchNorm and ReLU follow as in timm's) and no pooling, so that the stages see
+    the full resolution: feature reductions 1, 1, 2, 4, 8 and ``output_stride`` 8 (or 4, 2 with dilation).
 
-    Args:
-        block: :class:`~sknet_triton.blocks.SKBasicBlock` or :class:`~sknet_triton.blocks.SKBottleneck`.
-        layers: blocks per stage (four stages).
-        channels: ``planes`` of each stage; a stage outputs ``planes * block.expansion`` channels.
-        num_classes: classifier outputs.
-        in_chans: input image channels.
-        stem_type, stem_width: the stem (see :func:`~sknet_triton.blocks.make_stem`).
-        avg_down: average-pool projection shortcuts (ResNet-D) instead of strided 1x1 convolutions.
-        cardinality, base_width: bottleneck SK width and groups (see
-            :class:`~sknet_triton.blocks.SKBottleneck`).
-        sk_args: SKConv arguments for every block (``attn_width``, ``split_input``, ``M``, ...).
-        drop_rate: dropout probability before the classifier, in training, at least 0 and below 1.
-
-    Input [B, in_chans, H, W] (float, contiguous or channels_last) -> logits [B, num_classes], or the
-    pooled features [B, num_features] when ``num_classes`` is 0. Stages 2 to 4 halve the resolution; the
-    stem divides it by 4 ("7x7", "deep") or keeps it ("small").
-
-    An argument of the wrong type raises TypeError and one out of range ValueError, naming it.
+    Arguments as timm's ResNet's otherwise.
     """
 
-    def __init__(
-        self,
-        block: BlockType,
-        layers: Sequence[int],
-        channels: Sequence[int] = (64, 128, 256, 512),
-        num_classes: int = 1000,
-        in_chans: int = 3,
-        stem_type: str = "7x7",
-        stem_width: int = 64,
-        avg_down: bool = False,
-        cardinality: int = 1,
-        base_width: int = 64,
-        sk_args: Optional[dict[str, Any]] = None,
-        drop_rate: float = 0.0,
-    ):
-        super().__init__()
-        if len(layers) != 4 or len(channels) != 4:
-            raise ValueError(f"SKResNet: needs four stages, got layers={list(layers)}, channels={list(channels)}")
-        layers = [check_int("SKResNet", "layers", depth, 1) for depth in layers]
-        channels = [check_int("SKResNet", "channels", planes, 1) for planes in channels]
-        num_classes = check_int("SKResNet", "num_classes", num_classes, 0)
-        in_chans = check_int("SKResNet", "in_chans", in_chans, 1)
-        stem_width = check_int("SKResNet", "stem_width", stem_width, 1)
-        cardinality = check_int("SKResNet", "cardinality", cardinality, 1)
-        base_width = check_int("SKResNet", "base_width", base_width, 1)
-        avg_down = check_bool("SKResNet", "avg_down", avg_down)
-        if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)):
-            raise TypeError(f"SKResNet: drop_rate must be a number, got {type(drop_rate).__name__} {drop_rate!r}")
-        if not 0 <= drop_rate < 1:  # 1 would zero every feature: nothing left to classify
-            raise ValueError(f"SKResNet: drop_rate must be at least 0 and below 1, got {drop_rate}")
-        self.num_classes = num_classes
-        self.drop_rate = float(drop_rate)
-        self.conv1, maxpool, width = make_stem(stem_type, in_chans, stem_width)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.act1 = nn.ReLU(inplace=True)
-        self.maxpool = maxpool
-        block_args = dict(cardinality=cardinality, base_width=base_width, sk_args=sk_args)
-        stages = []
-        for index, (planes, num_blocks) in enumerate(zip(channels, layers)):
-            stride = 1 if index == 0 else 2
-            stages.append(make_stage(block, width, planes, num_blocks, stride, avg_down, **block_args))
-            width = planes * block.expansion
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.num_features = self.head_hidden_size = width
-        self.fc = _classifier(width, num_classes)
-        self._init_weights()
-        # timm's data configuration (see default_pretrained_cfg); create_model sets each model's own.
-        self.pretrained_cfg = self.default_cfg = dict(_DATA_CFG)
-
-    def _init_weights(self) -> None:
-        # He initialisation of every convolution, for ReLU networks; BatchNorm and Linear keep PyTorch's.
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Images [B, in_chans, H, W] -> feature map [B, num_features, H / 32, W / 32] ("small" stem: / 8)."""
-        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Feature map [B, num_features, h, w] -> logits [B, num_classes]; the pooled features
-        [B, num_features] (after dropout, in training) if ``pre_logits`` or if ``num_classes`` is 0."""
-        # A mean rather than AdaptiveAvgPool2d, which has produced NaNs with channels_last under AMP.
-        x = x.mean(dim=(2, 3))
-        if self.drop_rate:
-            x = F.dropout(x, p=self.drop_rate, training=self.training)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Images [B, in_chans, H, W] -> logits [B, num_classes] (``num_classes`` 0: features [B, num_features])."""
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self, name_only: bool = False) -> Union[nn.Module, str]:
-        """The classifier: ``fc``, a Linear [B, num_features] -> [B, num_classes] (an Identity when
-        ``num_classes`` is 0), or its name if ``name_only``."""
-        return "fc" if name_only else self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace the classifier by a new one with ``num_classes`` outputs (0: none, the model then returns
-        the pooled features [B, num_features]), on the model's device and dtype, as timm's models do.
-        ``global_pool``: None (keep the pooling) or "avg", the only pooling of these models."""
-        num_classes = check_int("reset_classifier", "num_classes", num_classes, 0)
-        if global_pool not in (None, "avg"):
-            raise ValueError(
-                f"reset_classifier: global_pool must be None or 'avg' (the only pooling), got {global_pool!r}"
-            )
-        first = next(self.parameters())
-        self.num_classes = num_classes
-        self.fc = _classifier(self.num_features, num_classes).to(device=first.device, dtype=first.dtype)
-        self.fc.train(self.training)
+    def __init__(self, *args: Any, in_chans: int = 3, stem_width: int = 16, output_stride: int = 8, **kwargs: Any):
+        # timm's ResNet sizes the stages after its stem from stem_width only for its deep stem (2 * stem_width
+        # channels), and counts output strides from its stem's reduction: build that, then replace the stem.
+        super().__init__(
+            *args, in_chans=in_chans, stem_type="deep", stem_width=stem_width // 2,
+            output_stride=output_stride * RESNET_STEM_REDUCTION, **kwargs,
+        )
+        self.conv1 = nn.Conv2d(in_chans, stem_width, kernel_size=3, padding=1, bias=False)
+        self.maxpool = nn.Identity()
+        self.feature_info[0]["reduction"] = 1
+        for info in self.feature_info[1:]:
+            info["reduction"] //= RESNET_STEM_REDUCTION
+        self.init_weights(zero_init_last=False)  # timm's He initialisation, of the new stem too
 
 
-def _classifier(num_features: int, num_classes: int) -> nn.Module:
-    """Linear [B, num_features] -> [B, num_classes], or an Identity for ``num_classes`` 0 (timm's convention)."""
-    return nn.Linear(num_features, num_classes) if num_classes else nn.Identity()
+def _build(variant: str, pretrained: bool, model_cls: type = ResNet, **kwargs: Any) -> nn.Module:
+    """timm's build of ``variant`` (pretrained weights, features_only, ...) with SKConv units."""
+    return accelerate(build_model_with_cfg(model_cls, variant, pretrained, **kwargs))
 
 
-# --------------------------------------------------------------------------------------------------------
-# Registry.
+@register_model
+def sknet50(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """SKNet-50 of the paper and of the original SKNet reference code: ResNeXt-50 32x4d with SK units, M=2
+    paths (3x3, and 3x3 with dilation 2), G=32 groups, attention width d = max(C / 16, 32): timm's
+    skresnext50_32x4d, with its weights."""
+    model_args = dict(
+        block=SelectiveKernelBottleneck, layers=(3, 4, 6, 3), cardinality=32, base_width=4,
+        block_args=dict(sk_kwargs=_PAPER_SK_ARGS), zero_init_last=False,
+    )
+    return _build("sknet50", pretrained, **dict(model_args, **kwargs))
 
 
-def register_model(fn: Callable[..., SKResNet]) -> Callable[..., SKResNet]:
-    """Register a model function under its own name for :func:`create_model`."""
-    _MODELS[fn.__name__] = fn
-    return fn
+@register_model
+def sknet101(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """SKNet-101 of the paper and of the original SKNet reference code: :func:`sknet50` with [3, 4, 23, 3]
+    blocks."""
+    model_args = dict(
+        block=SelectiveKernelBottleneck, layers=(3, 4, 23, 3), cardinality=32, base_width=4,
+        block_args=dict(sk_kwargs=_PAPER_SK_ARGS), zero_init_last=False,
+    )
+    return _build("sknet101", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def sknet_tiny(pretrained: bool = False, **kwargs: Any) -> SmallImageResNet:
+    """A small SK ResNet for 32x32 images, tests and CPU demos (0.55 M parameters): a 3x3 stem of 16
+    channels without pooling, then one basic SK block per stage of 16, 32, 64, 128 channels, attention
+    width d = max(C / 4, 8)."""
+    model_args = dict(
+        block=SelectiveKernelBasic, layers=(1, 1, 1, 1), channels=(16, 32, 64, 128), stem_width=16,
+        block_args=dict(sk_kwargs=_TINY_SK_ARGS), zero_init_last=False,
+    )
+    return _build("sknet_tiny", pretrained, SmallImageResNet, **dict(model_args, **kwargs))
 
 
 def list_models() -> list[str]:
-    """Names of the registered models, sorted."""
-    return sorted(_MODELS)
+    """Names of the registered models, sorted: timm's SK ResNets and :data:`SKNET_MODELS`."""
+    return sorted(TIMM_MODELS + SKNET_MODELS)
 
 
-def default_pretrained_cfg(name: str) -> dict:
-    """timm's data configuration of the registered model ``name``: input size, mean, std, crop, interpolation,
-    first convolution and classifier names, as timm's own SK ResNets have it."""
-    if name not in _MODELS:
-        raise ValueError(f"default_pretrained_cfg: unknown model {name!r}; available: {', '.join(list_models())}")
-    return {**_DATA_CFG, **_DATA_CFG_CHANGES.get(name, {}), "architecture": name}
-
-
-def create_model(name: str, pretrained: bool = False, num_classes: int = 1000, **kwargs: Any) -> SKResNet:
-    """The registered model ``name``, freshly initialised or with timm's pretrained weights.
+def create_model(name: str, pretrained: bool = False, num_classes: int = 1000, **kwargs: Any) -> nn.Module:
+    """The registered model ``name``, built by timm (``timm.create_model``) with SKConv units.
 
     Args:
         name: one of :func:`list_models`.
-        pretrained: load the ImageNet weights of the same network from timm (downloaded by timm, which
-            must be installed): ``sknet50`` and ``skresnext50_32x4d`` get timm's ``skresnext50_32x4d``,
-            ``skresnet18`` and ``skresnet34`` timm's own (see :data:`PRETRAINED`). timm adapts them to
-            ``num_classes`` (a new classifier unless 1000) and ``in_chans`` as for its own models.
+        pretrained: load timm's ImageNet weights (downloaded by timm): ``sknet50`` and ``skresnext50_32x4d``
+            get timm's ``skresnext50_32x4d``, ``skresnet18`` and ``skresnet34`` timm's own. timm adapts them
+            to ``num_classes`` (a new classifier unless 1000) and ``in_chans``.
         num_classes: classifier outputs; 0 for none: the model returns pooled features [B, num_features].
         in_chans: input image channels (default 3).
-        drop_rate: dropout probability before the classifier (default 0).
+        drop_rate: dropout probability before the classifier (default 0), at least 0 and below 1.
+        drop_path_rate: stochastic depth: the largest probability of dropping a block's residual branch,
+            rising linearly over the blocks (default 0), at least 0 and below 1.
+        global_pool: one of :data:`GLOBAL_POOLS` (default "avg"); "" returns the feature map.
+        features_only: a backbone returning the list of feature maps at ``out_indices`` (timm's
+            ``FeatureListNet``) instead of the classifier network.
+        out_indices: with ``features_only``, which of the five feature levels (stem, four stages) to return:
+            a sequence of indices (negative from the end), or an int n for the last n (default all).
+        output_stride: the reduction of the last feature map, 8, 16 or 32 (the default; ``sknet_tiny``: 2, 4
+            or 8, the default); stages beyond it dilate their convolutions instead of striding.
 
-    The model's ``pretrained_cfg`` (and ``default_cfg``) is timm's data configuration: that of the
-    pretrained weights if loaded, else :func:`default_pretrained_cfg`, so that ``timm.data.resolve_data_config``
-    works on it.
+    Input [B, in_chans, H, W] -> logits [B, num_classes] (float, contiguous or channels_last). The model's
+    ``pretrained_cfg`` (and ``default_cfg``) is timm's data configuration: the weights' own when loaded.
 
     Raises ValueError for an unknown name, for ``pretrained`` where no weights exist and for arguments out of
-    range; TypeError for any other keyword argument or a wrong type; ImportError for ``pretrained`` without
-    timm; RuntimeError when timm cannot fetch the weights.
+    range; TypeError for any other keyword argument or a wrong type; RuntimeError when timm cannot fetch the
+    weights. Each is one line naming the argument.
     """
-    if name not in _MODELS:
+    if name not in list_models():
         raise ValueError(f"create_model: unknown model {name!r}; available: {', '.join(list_models())}")
     unknown = sorted(set(kwargs) - set(MODEL_KWARGS))
     if unknown:
@@ -226,113 +177,67 @@ def create_model(name: str, pretrained: bool = False, num_classes: int = 1000, *
             f"accepted: pretrained, num_classes, {', '.join(MODEL_KWARGS)}"
         )
     pretrained = check_bool("create_model", "pretrained", pretrained)
-    if pretrained and name not in PRETRAINED:
+    num_classes = check_int("create_model", "num_classes", num_classes, 0)
+    _check_model_kwargs(name, kwargs)
+    if not pretrained:
+        return accelerate(timm.create_model(name, num_classes=num_classes, **kwargs))
+    if not is_model_pretrained(name):
+        with_weights = [model for model in list_models() if is_model_pretrained(model)]
         raise ValueError(
             f"create_model: no pretrained weights exist for {name!r}; pretrained=True loads timm's weights, "
-            f"which exist for {', '.join(sorted(PRETRAINED))}"
+            f"which exist for {', '.join(with_weights)}"
         )
-    model = _MODELS[name](num_classes=num_classes, **kwargs)
-    model.pretrained_cfg = model.default_cfg = default_pretrained_cfg(name)
-    if pretrained:
-        _load_timm_weights(model, name, num_classes, kwargs.get("in_chans", 3))
-    return model
-
-
-def _load_timm_weights(model: SKResNet, name: str, num_classes: int, in_chans: int) -> None:
-    """Copy into ``model`` the pretrained weights of its timm equivalent, and their pretrained_cfg."""
-    timm_name = PRETRAINED[name]
     try:
-        import timm  # optional: only pretrained weights need it
-    except ImportError:
-        raise ImportError(
-            f"create_model({name!r}, pretrained=True) loads timm's {timm_name} weights and needs timm: pip install timm"
-        ) from None
-    try:
-        source = timm.create_model(timm_name, pretrained=True, num_classes=num_classes, in_chans=in_chans)
+        model = timm.create_model(name, pretrained=True, num_classes=num_classes, **kwargs)
     except Exception as error:  # no network, no cache, a hub error: any of several types
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise RuntimeError(
-            f"create_model: timm could not fetch the pretrained weights of {timm_name} for {name!r} "
+            f"create_model: timm could not fetch the pretrained weights of {name!r} "
             f"({type(error).__name__}: {message}); pretrained=False builds the model without them"
         ) from error
-    model.load_state_dict(source.state_dict())
-    model.pretrained_cfg = model.default_cfg = dict(source.pretrained_cfg)
+    return accelerate(model)
 
 
-# --------------------------------------------------------------------------------------------------------
-# Models. Keyword arguments (num_classes, in_chans, drop_rate) go to SKResNet.
+def _check_model_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+    """TypeError or ValueError, naming the argument, for a keyword argument of :data:`MODEL_KWARGS` that
+    timm would refuse or misread."""
+    if "in_chans" in kwargs:
+        check_int("create_model", "in_chans", kwargs["in_chans"], 1)
+    for rate in ("drop_rate", "drop_path_rate"):
+        if rate in kwargs:
+            _check_probability(rate, kwargs[rate])
+    if "global_pool" in kwargs and kwargs["global_pool"] not in GLOBAL_POOLS:
+        raise ValueError(f"create_model: global_pool must be one of {GLOBAL_POOLS}, got {kwargs['global_pool']!r}")
+    features_only = check_bool("create_model", "features_only", kwargs.get("features_only", False))
+    if "out_indices" in kwargs:
+        if not features_only:
+            raise ValueError("create_model: out_indices selects the feature maps of features_only=True")
+        _check_out_indices(kwargs["out_indices"])
+    if "output_stride" in kwargs:
+        strides = SMALL_STEM_OUTPUT_STRIDES if name == "sknet_tiny" else RESNET_OUTPUT_STRIDES
+        stride = check_int("create_model", "output_stride", kwargs["output_stride"], 1)
+        if stride not in strides:
+            raise ValueError(f"create_model: output_stride must be one of {strides} for {name!r}, got {stride}")
 
 
-@register_model
-def sknet50(**kwargs: Any) -> SKResNet:
-    """SKNet-50 of the paper and of the original SKNet reference code: ResNeXt-50 32x4d with SK units,
-    M=2 paths (3x3, and 3x3 with dilation 2), G=32 groups, attention width d = max(C / 16, 32).
-
-    The same architecture and state-dict keys as timm's skresnext50_32x4d.
-    """
-    return SKResNet(
-        SKBottleneck, (3, 4, 6, 3), cardinality=32, base_width=4,
-        sk_args=dict(attn_width=paper_attn_width(r=16, L=32)), **kwargs,
-    )
+def _check_probability(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"create_model: {name} must be a number, got {type(value).__name__} {value!r}")
+    if not 0 <= value < 1:  # 1 would drop everything: nothing left to learn from
+        raise ValueError(f"create_model: {name} must be at least 0 and below 1, got {value}")
 
 
-@register_model
-def sknet101(**kwargs: Any) -> SKResNet:
-    """SKNet-101 of the paper and of the original SKNet reference code: as :func:`sknet50` with
-    [3, 4, 23, 3] blocks."""
-    return SKResNet(
-        SKBottleneck, (3, 4, 23, 3), cardinality=32, base_width=4,
-        sk_args=dict(attn_width=paper_attn_width(r=16, L=32)), **kwargs,
-    )
-
-
-@register_model
-def skresnet18(**kwargs: Any) -> SKResNet:
-    """timm's skresnet18: ResNet-18 whose first 3x3 of every basic block is an SKConv splitting its input
-    across the paths, attention width ``make_divisible(C / 8, 16)``."""
-    sk_args = dict(attn_width=timm_attn_width(rd_ratio=1 / 8, rd_divisor=16), split_input=True)
-    return SKResNet(SKBasicBlock, (2, 2, 2, 2), sk_args=sk_args, **kwargs)
-
-
-@register_model
-def skresnet34(**kwargs: Any) -> SKResNet:
-    """timm's skresnet34: as :func:`skresnet18` with [3, 4, 6, 3] blocks."""
-    sk_args = dict(attn_width=timm_attn_width(rd_ratio=1 / 8, rd_divisor=16), split_input=True)
-    return SKResNet(SKBasicBlock, (3, 4, 6, 3), sk_args=sk_args, **kwargs)
-
-
-@register_model
-def skresnet50(**kwargs: Any) -> SKResNet:
-    """timm's skresnet50: ResNet-50 whose bottleneck 3x3 is an ungrouped SKConv splitting its input across
-    the paths, attention width ``make_divisible(C / 16, 8)``."""
-    sk_args = dict(attn_width=timm_attn_width(rd_ratio=1 / 16, rd_divisor=8), split_input=True)
-    return SKResNet(SKBottleneck, (3, 4, 6, 3), sk_args=sk_args, **kwargs)
-
-
-@register_model
-def skresnet50d(**kwargs: Any) -> SKResNet:
-    """timm's skresnet50d: :func:`skresnet50` with the ResNet-D deep stem (32, 32, 64 channels) and
-    average-pool shortcuts."""
-    sk_args = dict(attn_width=timm_attn_width(rd_ratio=1 / 16, rd_divisor=8), split_input=True)
-    return SKResNet(
-        SKBottleneck, (3, 4, 6, 3), stem_type="deep", stem_width=32, avg_down=True, sk_args=sk_args, **kwargs
-    )
-
-
-@register_model
-def skresnext50_32x4d(**kwargs: Any) -> SKResNet:
-    """timm's skresnext50_32x4d: ResNeXt-50 32x4d with SK units, attention width
-    ``make_divisible(C / 16, 32)``; the same network as :func:`sknet50`."""
-    sk_args = dict(attn_width=timm_attn_width(rd_ratio=1 / 16, rd_divisor=32))
-    return SKResNet(SKBottleneck, (3, 4, 6, 3), cardinality=32, base_width=4, sk_args=sk_args, **kwargs)
-
-
-@register_model
-def sknet_tiny(**kwargs: Any) -> SKResNet:
-    """A small SK ResNet for 32x32 images, tests and CPU demos (0.55 M parameters): a 3x3 stem of 16
-    channels without pooling, then one basic SK block per stage of 16, 32, 64, 128 channels, attention
-    width d = max(C / 4, 8)."""
-    return SKResNet(
-        SKBasicBlock, (1, 1, 1, 1), channels=(16, 32, 64, 128), stem_type="small", stem_width=16,
-        sk_args=dict(attn_width=paper_attn_width(r=4, L=8)), **kwargs,
-    )
+def _check_out_indices(out_indices: Any) -> None:
+    """An int n in 1..FEATURE_LEVELS (the last n levels), or a non-empty sequence of distinct level indices."""
+    if isinstance(out_indices, (list, tuple)):
+        indices = [check_int("create_model", "out_indices", index, -FEATURE_LEVELS) for index in out_indices]
+        levels = [index % FEATURE_LEVELS for index in indices]
+        if not indices or max(indices) >= FEATURE_LEVELS or len(set(levels)) != len(levels):
+            raise ValueError(
+                f"create_model: out_indices must be distinct feature levels from -{FEATURE_LEVELS} to "
+                f"{FEATURE_LEVELS - 1}, got {out_indices!r}"
+            )
+        return
+    count = check_int("create_model", "out_indices", out_indices, 1)
+    if count > FEATURE_LEVELS:
+        raise ValueError(f"create_model: out_indices as a count must be 1 to {FEATURE_LEVELS}, got {count}")

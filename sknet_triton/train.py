@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 
 from sknet_triton.training.errors import Interrupted, TrainingError
 from sknet_triton.training.options import parse_args
+from sknet_triton.training.run import train
 
 __all__ = ["main"]
 
@@ -18,12 +19,6 @@ __all__ = ["main"]
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the trainer with command-line arguments ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     args = parse_args(argv)
-    try:
-        from sknet_triton.training.run import train
-    except ModuleNotFoundError as error:  # the train extra's timm (its recipe components) or torchvision
-        print(f"sknet_triton.train: error: the trainer needs {error.name.split('.')[0]}: pip install 'sknet_triton[train]'",
-              file=sys.stderr)
-        return 2
     try:
         train(args)
     except TrainingError as error:

@@ -6,9 +6,9 @@ interpreter only runs for the small model.
 """
 import copy
 import re
-import sys
 
 import pytest
+import timm
 import torch
 import torch._dynamo
 import torch.nn.functional as F
@@ -16,8 +16,6 @@ from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 from sknet_triton import create_model, list_models, set_backend
-from sknet_triton.blocks import SKBasicBlock, make_stage
-from sknet_triton.models import PRETRAINED, SKResNet
 from tests.helpers import DEVICE, requires_kernels
 from tests.model_helpers import (
     TRAINING_BATCH,
@@ -88,8 +86,9 @@ def test_unknown_model_names_what_exists():
 
 
 def test_unknown_keyword_names_what_is_accepted():
-    with pytest.raises(TypeError, match=r"\['drop_path_rate'\].*pretrained, num_classes, in_chans, drop_rate"):
-        create_model(SMALL_MODEL, drop_path_rate=0.1)
+    accepted = "pretrained, num_classes, in_chans, drop_rate, drop_path_rate, global_pool, features_only, out_indices"
+    with pytest.raises(TypeError, match=re.escape(f"['drop_block_rate']; accepted: {accepted}, output_stride")):
+        create_model(SMALL_MODEL, drop_block_rate=0.1)
 
 
 BAD_MODEL_ARGUMENTS = {
@@ -103,6 +102,24 @@ BAD_MODEL_ARGUMENTS = {
     "negative num_classes": (dict(num_classes=-1), ValueError, "num_classes must be at least 0, got -1"),
     "float num_classes": (dict(num_classes=10.0), TypeError, "num_classes must be an integer, got float"),
     "pretrained text": (dict(pretrained="yes"), TypeError, "pretrained must be True or False, got str"),
+    "drop_path_rate 1": (dict(drop_path_rate=1), ValueError, "drop_path_rate must be at least 0 and below 1, got 1"),
+    "text drop_path_rate": (dict(drop_path_rate="0"), TypeError, "drop_path_rate must be a number, got str"),
+    "unknown global_pool": (dict(global_pool="mean"), ValueError, "global_pool must be one of ('', 'avg', 'max'"),
+    "features_only text": (dict(features_only=1), TypeError, "features_only must be True or False, got int"),
+    "out_indices without features_only": (
+        dict(out_indices=(1, 2)), ValueError, "out_indices selects the feature maps of features_only=True"
+    ),
+    "out_indices beyond the levels": (
+        dict(features_only=True, out_indices=(1, 5)), ValueError, "out_indices must be distinct feature levels from -5 to 4"
+    ),
+    "out_indices repeated": (
+        dict(features_only=True, out_indices=(4, -1)), ValueError, "got (4, -1)"
+    ),
+    "out_indices count 0": (dict(features_only=True, out_indices=0), ValueError, "out_indices must be a positive integer"),
+    "out_indices float": (dict(features_only=True, out_indices=[1.0]), TypeError, "out_indices must be an integer, got float"),
+    "output_stride beyond sknet_tiny's": (
+        dict(output_stride=16), ValueError, "output_stride must be one of (2, 4, 8) for 'sknet_tiny', got 16"
+    ),
 }
 
 
@@ -111,13 +128,6 @@ def test_bad_arguments_are_one_line_errors_naming_them(kwargs, error, message):
     with pytest.raises(error, match=re.escape(message)) as raised:
         create_model(SMALL_MODEL, **kwargs)
     assert "\n" not in str(raised.value)
-
-
-def test_bad_stages_name_the_argument():
-    with pytest.raises(ValueError, match="layers must be a positive integer, got 0"):
-        SKResNet(SKBasicBlock, (1, 0, 1, 1))
-    with pytest.raises(ValueError, match="num_blocks must be a positive integer, got 0"):
-        make_stage(SKBasicBlock, 16, 16, num_blocks=0, stride=1)
 
 
 def test_in_chans_and_num_classes():
@@ -164,16 +174,12 @@ def test_no_classes_gives_pooled_features_and_reset_classifier_adds_a_head():
         assert model.num_classes == 5
         logits = model(x.double())
         torch.testing.assert_close(logits, head(features.double()), rtol=1e-4, atol=1e-4)
-        model.reset_classifier(0, "avg")
-        torch.testing.assert_close(model(x.double()), features.double(), rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="global_pool must be None or 'avg'"):
-        model.reset_classifier(5, "max")
-    with pytest.raises(ValueError, match="num_classes must be at least 0"):
-        model.reset_classifier(-1)
+        model.reset_classifier(0, "max")
+        assert model.global_pool.pool_type == "max"
+        torch.testing.assert_close(model(x.double()), model.forward_features(x.double()).amax(dim=(2, 3)))
 
 
 def test_head_matches_timm():
-    timm = pytest.importorskip("timm")
     reference = randomize_batchnorm(timm.create_model("skresnet18", num_classes=0)).eval()
     model = set_backend(create_model("skresnet18", num_classes=0), "torch").eval()
     model.load_state_dict(reference.state_dict())
@@ -193,7 +199,6 @@ def test_head_matches_timm():
 
 
 def test_data_config_resolves_as_timm_s():
-    timm = pytest.importorskip("timm")
     from timm.data import resolve_data_config, resolve_model_data_config
 
     with torch.device("meta"):  # configurations only: no weights needed
@@ -207,11 +212,11 @@ def test_data_config_resolves_as_timm_s():
 
 
 def test_pretrained_names_are_those_timm_has_weights_for():
-    timm = pytest.importorskip("timm")
+    assert [name for name in list_models() if timm.is_model_pretrained(name)] == [
+        "sknet50", "skresnet18", "skresnet34", "skresnext50_32x4d"
+    ]
     for name, timm_name in TIMM_EQUIVALENTS:
-        assert (name in PRETRAINED) == timm.is_model_pretrained(timm_name), name
-        if name in PRETRAINED:
-            assert PRETRAINED[name] == timm_name
+        assert timm.is_model_pretrained(name) == timm.is_model_pretrained(timm_name), name
 
 
 @pytest.mark.parametrize("name", ["sknet101", "sknet_tiny", "skresnet50"])
@@ -220,42 +225,34 @@ def test_pretrained_without_weights_says_so(name):
         create_model(name, pretrained=True)
 
 
-def test_pretrained_without_timm_says_it_is_needed(monkeypatch):
-    monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
-    with pytest.raises(ImportError, match="loads timm's skresnext50_32x4d weights and needs timm: pip install timm"):
-        create_model("sknet50", pretrained=True, num_classes=NUM_CLASSES)
-
-
 def test_pretrained_download_failure_is_a_clear_error(monkeypatch, tmp_path):
-    pytest.importorskip("timm")
     hub = pytest.importorskip("huggingface_hub.constants")
     # timm's own download path, kept off the network and away from any cached weights.
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
-    expected = "timm could not fetch the pretrained weights of skresnet18 for 'skresnet18'"
+    expected = "timm could not fetch the pretrained weights of 'skresnet18'"
     with pytest.raises(RuntimeError, match=expected) as error:
         create_model("skresnet18", pretrained=True)
     assert "\n" not in str(error.value) and "pretrained=False" in str(error.value)
 
 
-def test_pretrained_copies_timm_s_weights_and_config(monkeypatch):
-    timm = pytest.importorskip("timm")
-    calls, created = [], []
-    timm_create_model = timm.create_model
+def test_pretrained_loads_timm_s_weights_and_config(monkeypatch):
+    loads = []
+    # timm's skresnext50_32x4d with random weights: what timm's download would give.
+    source = randomize_batchnorm(timm.create_model("skresnext50_32x4d", num_classes=NUM_CLASSES))
 
-    def create_timm_model(name, pretrained=False, **kwargs):
-        # Stands in for the download: timm's model with random weights, and its pretrained configuration.
-        calls.append((name, pretrained, kwargs))
-        created.append(randomize_batchnorm(timm_create_model(name, **kwargs)))
-        created[-1].pretrained_cfg = {**created[-1].pretrained_cfg, "tag": "stand-in"}
-        return created[-1]
+    def load_pretrained(model, pretrained_cfg=None, num_classes=1000, in_chans=3, **kwargs):
+        # Stands in for timm's download and load, with the configuration timm would fetch the weights by.
+        loads.append((pretrained_cfg["hf_hub_id"], num_classes, in_chans))
+        model.load_state_dict(source.state_dict())
 
-    monkeypatch.setattr(timm, "create_model", create_timm_model)
-    model = create_model("sknet50", pretrained=True, num_classes=NUM_CLASSES, in_chans=1, drop_rate=0.2)
-    assert calls == [("skresnext50_32x4d", True, dict(num_classes=NUM_CLASSES, in_chans=1))]
-    assert model.pretrained_cfg["tag"] == "stand-in" and model.pretrained_cfg["architecture"] == "skresnext50_32x4d"
-    assert model.drop_rate == 0.2 and model.conv1.in_channels == 1
-    expected = created[0].state_dict()
+    monkeypatch.setattr(timm.models._builder, "load_pretrained", load_pretrained)
+    model = create_model("sknet50", pretrained=True, num_classes=NUM_CLASSES, drop_rate=0.2)
+    assert loads == [("timm/skresnext50_32x4d.ra_in1k", NUM_CLASSES, 3)]
+    assert model.pretrained_cfg["hf_hub_id"] == "timm/skresnext50_32x4d.ra_in1k"
+    assert model.pretrained_cfg["architecture"] == "sknet50" and model.default_cfg is model.pretrained_cfg
+    assert model.drop_rate == 0.2
+    expected = source.state_dict()
     assert list(model.state_dict()) == list(expected)
     for key, tensor in model.state_dict().items():
         assert torch.equal(tensor, expected[key]), key
@@ -267,7 +264,6 @@ def test_pretrained_copies_timm_s_weights_and_config(monkeypatch):
 
 @pytest.mark.parametrize("name, timm_name", TIMM_EQUIVALENTS)
 def test_matches_timm(name, timm_name):
-    timm = pytest.importorskip("timm")
     reference = randomize_batchnorm(timm.create_model(timm_name, num_classes=NUM_CLASSES))
     model = set_backend(create_model(name, num_classes=NUM_CLASSES), "torch")
     assert list(model.state_dict()) == list(reference.state_dict())

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import timm
 import torch
 
 from perf import bytes_model, model_bench, readme, report, run
@@ -44,7 +45,6 @@ def test_sknet50_units_at_224():
 
 
 def test_sknet50_units_match_the_network():
-    timm = pytest.importorskip("timm")
     shapes = []
     model = timm.create_model("skresnext50_32x4d").eval()
     for module in model.modules():
@@ -159,8 +159,6 @@ def tiny_run(tmp_path_factory):
     command = [sys.executable, str(REPO / "perf" / "run.py"), "--device", "cpu", "--image-size", "32",
                "--batch-inference", "2", "--batch-train", "2", "--warmup", "0", "--iters", "2",
                "--variants", "timm-sk,sknet", "--out", str(out)]
-    pytest.importorskip("timm")
-    pytest.importorskip("matplotlib")
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result.stdout

@@ -11,6 +11,7 @@ import copy
 from typing import NamedTuple
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
@@ -222,7 +223,6 @@ def test_export_keeps_the_kernels_as_calls():
 
 
 def test_accelerated_timm_model_scripts_and_traces():
-    timm = pytest.importorskip("timm")
     model = accelerate(randomize_batchnorm(timm.create_model("skresnet18", num_classes=NUM_CLASSES)))
     model = model.to(DEVICE, memory_format=torch.channels_last).eval()
     scripted = torch.jit.script(model)
