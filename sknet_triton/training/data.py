@@ -243,7 +243,7 @@ def _random_erasing(augmentation: Augmentation):
 
 def image_transforms(pretrained_cfg: dict, img_size: int, augmentation: Augmentation = Augmentation()):
     """timm's (training, validation) transforms of ImageFolder images at ``img_size``, for a model of timm data
-    configuration ``pretrained_cfg`` (``model.pretrained_cfg``, or :func:`sknet_triton.models.default_pretrained_cfg`)."""
+    configuration ``pretrained_cfg`` (``model.pretrained_cfg``, or ``timm.models.get_pretrained_cfg(name).to_dict()``)."""
     from timm.data import create_transform, resolve_data_config
 
     config = resolve_data_config({"input_size": (3, img_size, img_size)}, pretrained_cfg=pretrained_cfg)

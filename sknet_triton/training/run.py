@@ -9,12 +9,12 @@ from typing import Optional
 
 import numpy as np
 import torch
+from timm.models import get_pretrained_cfg, is_model_pretrained
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from sknet_triton import create_model
-from sknet_triton.models import PRETRAINED, default_pretrained_cfg
+from sknet_triton import create_model, list_models
 from sknet_triton.training import checkpoint, distributed
 from sknet_triton.training.data import Augmentation, build_datasets, build_loaders, set_epoch
 from sknet_triton.training.errors import CheckpointError, Interrupted, TrainingError
@@ -187,9 +187,10 @@ def _settings(args: argparse.Namespace, context: distributed.Context) -> argpars
     settings = resolve(args, context.world_size, local_world_size, cuda=context.device.type == "cuda")
     if settings.sync_bn and context.distributed and context.device.type != "cuda":
         raise TrainingError("--sync-bn needs GPUs: SyncBatchNorm does not run on the CPU")
-    if settings.pretrained and settings.model not in PRETRAINED:
+    if settings.pretrained and not is_model_pretrained(settings.model):
+        with_weights = [name for name in list_models() if is_model_pretrained(name)]
         raise TrainingError(f"--pretrained: no pretrained weights exist for {settings.model}; they exist for "
-                            f"{', '.join(sorted(PRETRAINED))}")
+                            f"{', '.join(with_weights)}")
     if context.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest convolution algorithms
         torch.set_float32_matmul_precision("high")  # TF32, as cuDNN's convolutions already use
@@ -197,12 +198,9 @@ def _settings(args: argparse.Namespace, context: distributed.Context) -> argpars
 
 
 def _data_config(settings: argparse.Namespace) -> dict:
-    """timm's data configuration of the weights the run starts from: the pretrained weights' own, or the model's."""
-    if settings.pretrained:
-        from timm.models import get_pretrained_cfg
-
-        return get_pretrained_cfg(PRETRAINED[settings.model]).to_dict()
-    return default_pretrained_cfg(settings.model)
+    """timm's data configuration of the model (its registered default: the pretrained weights' own where it
+    has weights), which the weights the run starts from were trained with."""
+    return get_pretrained_cfg(settings.model).to_dict()
 
 
 def _build_model(
