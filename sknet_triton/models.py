@@ -100,27 +100,28 @@ def _build(variant: str, pretrained: bool, model_cls: type = ResNet, **kwargs: A
     return accelerate(build_model_with_cfg(model_cls, variant, pretrained, **kwargs))
 
 
+
+def _build_paper_sknet(variant: str, layers: tuple, pretrained: bool, **kwargs: Any) -> ResNet:
+    """The paper's SKNet with ``layers`` bottleneck blocks per stage: ResNeXt 32x4d with SK units."""
+    model_args = dict(
+        block=SelectiveKernelBottleneck, layers=layers, cardinality=32, base_width=4,
+        block_args=dict(sk_kwargs=_PAPER_SK_ARGS), zero_init_last=False,
+    )
+    return _build(variant, pretrained, **dict(model_args, **kwargs))
+
 @register_model
 def sknet50(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """SKNet-50 of the paper and of the original SKNet reference code: ResNeXt-50 32x4d with SK units, M=2
     paths (3x3, and 3x3 with dilation 2), G=32 groups, attention width d = max(C / 16, 32): timm's
     skresnext50_32x4d, with its weights."""
-    model_args = dict(
-        block=SelectiveKernelBottleneck, layers=(3, 4, 6, 3), cardinality=32, base_width=4,
-        block_args=dict(sk_kwargs=_PAPER_SK_ARGS), zero_init_last=False,
-    )
-    return _build("sknet50", pretrained, **dict(model_args, **kwargs))
+    return _build_paper_sknet("sknet50", (3, 4, 6, 3), pretrained, **kwargs)
 
 
 @register_model
 def sknet101(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """SKNet-101 of the paper and of the original SKNet reference code: :func:`sknet50` with [3, 4, 23, 3]
     blocks."""
-    model_args = dict(
-        block=SelectiveKernelBottleneck, layers=(3, 4, 23, 3), cardinality=32, base_width=4,
-        block_args=dict(sk_kwargs=_PAPER_SK_ARGS), zero_init_last=False,
-    )
-    return _build("sknet101", pretrained, **dict(model_args, **kwargs))
+    return _build_paper_sknet("sknet101", (3, 4, 23, 3), pretrained, **kwargs)
 
 
 @register_model
