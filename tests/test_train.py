@@ -158,6 +158,25 @@ def test_stop_and_resume_equals_an_uninterrupted_run(uninterrupted_run, tmp_path
     assert metrics(read_log(output)) == metrics(read_log(uninterrupted_run))
 
 
+
+def test_stop_and_resume_under_the_default_recipe(tmp_path):
+    # SGD with momentum and the warm-up + cosine schedule, which the run above leaves out.
+    run = (*TINY, "--synthetic-size", "64", "--epochs", "2", "--batch-size", "16", "--warmup-epochs", "0.5",
+           "--workers", "0")
+    whole = run_trainer(*run, "--output", str(tmp_path / "whole"))
+    first = run_trainer(*run, "--output", str(tmp_path / "parts"), "--stop-after-epoch", "1")
+    second = run_trainer(*run, "--output", str(tmp_path / "parts"), "--resume")
+    for result in (whole, first, second):
+        assert result.returncode == 0, result.stderr
+    expected = checkpoint.load(str(tmp_path / "whole" / checkpoint.FILENAME))
+    resumed = checkpoint.load(str(tmp_path / "parts" / checkpoint.FILENAME))
+    assert resumed["epoch"] == expected["epoch"] == 2
+    for name, tensor in expected["model"].items():
+        assert torch.equal(resumed["model"][name], tensor), name
+    for index, state in expected["optimizer"]["state"].items():
+        assert torch.equal(resumed["optimizer"]["state"][index]["momentum_buffer"], state["momentum_buffer"])
+    assert resumed["scheduler"] == expected["scheduler"]
+
 def test_eval_only_reports_a_checkpoint_and_its_ema(uninterrupted_run):
     row = read_log(uninterrupted_run)[-1]
     before = {path: os.path.getmtime(uninterrupted_run / path) for path in os.listdir(uninterrupted_run)}
