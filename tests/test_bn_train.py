@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sknet_triton import SKConv, create_model, device, launch, ops, reference, set_backend
+from sknet_triton import SKConv, create_model, device, ops, planning, reference, set_backend
 from sknet_triton.layers import UnitPath, unit_path
 from tests.helpers import DEVICE, requires_kernels
 from tests.model_helpers import TRAINING_BATCH, assert_close_relative, assert_grads_as_accurate_as, randomize_batchnorm
@@ -176,7 +176,7 @@ def test_many_splits(min_programs, monkeypatch):
     # Per-program statistics of unequal chunks (the last holds one position) combine into the batch's, and
     # every chunk's share of dlogits and of BatchNorm's sums adds up.
     shape, M = (2, 8, 9, 9), 2
-    p = launch.plan("bn_stats", 2, 8, 81, M, torch.float32, False, DEVICE)
+    p = planning.plan("bn_stats", 2, 8, 81, M, torch.float32, False, DEVICE)
     assert p.num_splits > 4 and 81 % p.chunk == 1
     branches = make_branches(shape, M, torch.float32, channels_last=False, stacked=False)
     weight, bias = make_affine(M, shape[1], affine=True)

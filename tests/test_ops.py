@@ -6,7 +6,7 @@ stay small. Every test poisons fresh allocations with NaN before the kernels run
 import pytest
 import torch
 
-from sknet_triton import launch, layout, ops
+from sknet_triton import layout, ops, planning
 from tests.helpers import DEVICE, requires_kernels
 from tests.ops_inputs import (
     PROLOGUES,
@@ -137,7 +137,7 @@ def test_many_splits(prologue, min_programs, monkeypatch):
     min_programs(64)
     # Every chunk adds its share of s and of dlogits atomically: the shares must add up.
     shape = (1, 8, 24, 24)
-    p = launch.plan("select_bwd", 1, 8, 24 * 24, 2, torch.float32, True, DEVICE)
+    p = planning.plan("select_bwd", 1, 8, 24 * 24, 2, torch.float32, True, DEVICE)
     assert p.num_splits > 4
     scale, bias, relu = make_prologue(prologue, 2, shape[1])
     branches = make_branches(shape, 2, torch.float32, True, stacked=False)
@@ -147,7 +147,7 @@ def test_many_splits(prologue, min_programs, monkeypatch):
 def test_deterministic_algorithms_give_one_chunk_and_repeatable_results(min_programs):
     min_programs(64)
     shape = (1, 8, 24, 24)
-    assert launch.plan("fuse_fwd", 1, 8, 24 * 24, 2, torch.float32, True, DEVICE, deterministic=True).num_splits == 1
+    assert planning.plan("fuse_fwd", 1, 8, 24 * 24, 2, torch.float32, True, DEVICE, deterministic=True).num_splits == 1
     branches = make_branches(shape, 2, torch.float32, True, stacked=False)
     logits = make_logits(1, 2, 8)
     torch.use_deterministic_algorithms(True)

@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from sknet_triton import device, graph_ops, launch, ops, reference
+from sknet_triton import device, families, graph_ops, launch, ops, reference
 
 
 def good(B=2, M=2, C=6, H=3, W=4, dtype=torch.float32):
@@ -135,7 +135,7 @@ def test_the_kernels_take_as_many_branches_as_the_ops_allow():
     from sknet_triton import kernels
 
     assert kernels.MAX_BRANCHES == ops.MAX_BRANCHES
-    pointers = [name for name in launch.FAMILIES["select_bwd"].kernel.arg_names if re.fullmatch(r"u\d_ptr", name)]
+    pointers = [name for name in families.FAMILIES["select_bwd"].kernel.arg_names if re.fullmatch(r"u\d_ptr", name)]
     assert len(pointers) == ops.MAX_BRANCHES
 
 
