@@ -28,6 +28,7 @@ import itertools
 import os
 import re
 import sys
+import dataclasses
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterator
@@ -39,7 +40,7 @@ import torch
 
 from sknet_triton.dtypes import DTYPE_NAMES
 from sknet_triton.families import BRANCH_COUNTS, FAMILIES, Problem, problem_inputs
-from sknet_triton.targets import TARGETS, parse_arch
+from sknet_triton.targets import TARGETS, Target, parse_arch
 
 DEFAULT_ARCHS = ("sm_80", "sm_90")  # the whole sweep's default, and the targets of the test suite's sample
 DEFAULT_OUT = Path("perf/aot_report.csv")
@@ -68,9 +69,12 @@ class Resources:
     arch: str  # the target's name: sm_90, gfx942
     registers: int  # per thread: ptxas's registers (NVIDIA), the VGPRs (AMD)
     scalar_registers: int  # SGPRs per wavefront (AMD; 0 on NVIDIA)
-    spill_stores: int  # bytes ptxas spills (NVIDIA), VGPRs spilled (AMD)
-    spill_loads: int  # bytes ptxas reloads (NVIDIA), SGPRs spilled (AMD)
-    scratch_bytes: int  # scratch (private segment) per thread (AMD; NVIDIA's spills are the two above)
+    spill_stores: int  # bytes ptxas spills to local memory (NVIDIA)
+    spill_loads: int  # bytes ptxas reloads from it (NVIDIA)
+    vgpr_spills: int  # VGPRs spilled (AMD): to scratch memory
+    # SGPRs spilled (AMD): into VGPR lanes, no memory traffic unless scratch_bytes says so; listed, not failed
+    sgpr_spills: int
+    scratch_bytes: int  # scratch (private segment) per thread (AMD)
     shared_bytes: int
     shared_limit: int  # shared memory (LDS) the chip allows one block (workgroup)
     widest_load_bytes: int
@@ -78,7 +82,8 @@ class Resources:
 
     @property
     def spills(self) -> bool:
-        return self.spill_stores > 0 or self.spill_loads > 0 or self.scratch_bytes > 0
+        """Whether registers spill to memory."""
+        return self.spill_stores > 0 or self.spill_loads > 0 or self.vgpr_spills > 0 or self.scratch_bytes > 0
 
     @property
     def over_shared(self) -> bool:
@@ -226,6 +231,12 @@ def all_specializations() -> tuple:
     return tuple(specializations())
 
 
+def launched(spec: Specialization, chip: Target) -> Specialization:
+    """``spec`` with the launch options ``chip`` takes for its configuration's (see
+    :meth:`sknet_triton.targets.Target.launch_options`): what the launcher starts there."""
+    return dataclasses.replace(spec, options=chip.launch_options(spec.options))
+
+
 def compile_specialization(index: int, arch: str) -> Resources:
     """Compile specialization ``index`` of :func:`all_specializations` for the target named ``arch``."""
     import triton
@@ -236,23 +247,26 @@ def compile_specialization(index: int, arch: str) -> Resources:
     triton.knobs.nvidia.dump_ptxas_log = True
     triton.knobs.compilation.always_compile = True
     chip = parse_arch(arch)
-    spec = all_specializations()[index]
+    spec = launched(all_specializations()[index], chip)
     types, attrs = signature(spec)
     source = ASTSource(fn=spec.kernel, signature=types, constexprs=spec.constexprs, attrs=attrs)
-    options = spec.options if chip.takes_register_budget else {k: v for k, v in spec.options.items() if k != "maxnreg"}
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
-        compiled = triton.compile(source, target=GPUTarget(chip.backend, chip.arch, chip.warp_size), options=options)
+        compiled = triton.compile(source, target=GPUTarget(chip.backend, chip.arch, chip.warp_size),
+                                  options=spec.options)
     if chip.backend == "cuda":
         registers, stores, loads = _ptxas_usage(log.getvalue())
-        scalar, scratch, widest = 0, 0, widest_global_load(compiled.asm["ptx"])
+        amd = dict(scalar_registers=0, vgpr_spills=0, sgpr_spills=0, scratch_bytes=0)
+        widest = widest_global_load(compiled.asm["ptx"])
     else:
         usage = amd_usage(compiled.asm["amdgcn"])
-        registers, scalar = usage["vgpr_count"], usage["sgpr_count"]
-        stores, loads, scratch = usage["vgpr_spill_count"], usage["sgpr_spill_count"], usage["private_segment_fixed_size"]
+        registers, stores, loads = usage["vgpr_count"], 0, 0
+        amd = dict(scalar_registers=usage["sgpr_count"], vgpr_spills=usage["vgpr_spill_count"],
+                   sgpr_spills=usage["sgpr_spill_count"], scratch_bytes=usage["private_segment_fixed_size"])
         widest = widest_amd_load(compiled.asm["amdgcn"])
-    return Resources(spec.name, chip.name, registers, scalar, stores, loads, scratch, compiled.metadata.shared,
-                     chip.shared_bytes, widest, vector_bytes(spec, chip.warp_size))
+    return Resources(spec.name, chip.name, registers, spill_stores=stores, spill_loads=loads, **amd,
+                     shared_bytes=compiled.metadata.shared, shared_limit=chip.shared_bytes,
+                     widest_load_bytes=widest, vector_bytes=vector_bytes(spec, chip.warp_size))
 
 
 def selected(families=None, sample: bool = False, representatives: bool = False) -> list[int]:
@@ -261,7 +275,8 @@ def selected(families=None, sample: bool = False, representatives: bool = False)
     (its default configuration, first tile shape and flags: a compile check of every family on a target at
     a fraction of the sample's time)."""
     indices = [index for index, spec in enumerate(all_specializations())
-               if (families is None or spec.family in families) and (not (sample or representatives) or in_sample(spec))]
+               if (families is None or spec.family in families)
+               and (not (sample or representatives) or in_sample(spec))]
     if representatives:
         first = {}
         for index in indices:
@@ -303,17 +318,18 @@ def read_table(path: Path) -> list[Resources]:
 
 
 def problems(results: list[Resources]) -> list[str]:
-    """One line per specialization that spills, uses scratch, needs more shared memory than its chip allows
-    or loads in narrower vectors than its tile allows."""
+    """One line per specialization that spills to memory (NVIDIA's local memory, AMD's scratch), needs more
+    shared memory than its chip allows or loads in narrower vectors than its tile allows."""
     lines = []
     for r in results:
-        if r.spills and r.arch.startswith("sm_"):
+        if r.spill_stores or r.spill_loads:
             lines.append(f"{r.arch} {r.kernel}: spills {r.spill_stores} B stored, {r.spill_loads} B loaded")
-        elif r.spills:
-            lines.append(f"{r.arch} {r.kernel}: spills {r.spill_stores} VGPRs, {r.spill_loads} SGPRs, "
+        if r.vgpr_spills or r.scratch_bytes:
+            lines.append(f"{r.arch} {r.kernel}: spills {r.vgpr_spills} VGPRs, "
                          f"{r.scratch_bytes} B scratch per thread")
         if r.over_shared:
-            lines.append(f"{r.arch} {r.kernel}: {r.shared_bytes} B of shared memory, the chip allows {r.shared_limit} B")
+            lines.append(f"{r.arch} {r.kernel}: {r.shared_bytes} B of shared memory, "
+                         f"the chip allows {r.shared_limit} B")
         if r.narrow_loads:
             lines.append(f"{r.arch} {r.kernel}: widest global load {r.widest_load_bytes} B, "
                          f"its tile allows {r.vector_bytes} B")

@@ -11,10 +11,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Union
 
-__all__ = ["Target", "TARGETS", "target", "parse_arch", "MAX_THREADS"]
+__all__ = ["Target", "TARGETS", "target", "parse_arch", "MAX_THREADS", "CONFIG_WARP_SIZE"]
 
 # Threads per block (workgroup) on every chip here, NVIDIA and AMD alike.
 MAX_THREADS = 1024
+# A configuration's num_warps counts warps of 32 threads on every chip, so that it means the same block, and
+# each thread the same share of a tile, everywhere: a wave64 chip launches half as many wavefronts. (At the
+# defaults' 8 wavefronts of 64, a workgroup's 512 threads leave each at most 256 VGPRs, and the split
+# kernel's widest tl.dot tiles spilled on gfx90a and gfx942; at 4 they fit.)
+CONFIG_WARP_SIZE = 32
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,16 @@ class Target:
     def max_warps(self) -> int:
         """The most warps (wavefronts) one block may have."""
         return MAX_THREADS // self.warp_size
+
+    def launch_options(self, options: dict) -> dict:
+        """A configuration's Triton launch options (num_warps of CONFIG_WARP_SIZE threads, num_stages,
+        maxnreg) as this chip takes them: the same threads in warps (wavefronts) of its own size, at most
+        :attr:`max_warps`, and the register budget only where the backend has one."""
+        warps = max(1, options["num_warps"] * CONFIG_WARP_SIZE // self.warp_size)
+        valid = dict(options, num_warps=min(warps, self.max_warps))
+        if not self.takes_register_budget:
+            valid.pop("maxnreg", None)
+        return valid
 
 
 TARGETS = {t.name: t for t in (
