@@ -10,10 +10,11 @@ spills of Triton's ptxas run and the widest global load in the PTX; for AMD, the
 SGPR counts, spills and scratch from its metadata and the widest global or buffer load in the AMDGCN
 assembly (Triton builds the code object with its own LLVM and linker: no ROCm needed). It writes that table
 with each kernel's shared memory (LDS) to ``--out`` (CSV), prints a summary, and exits with status 1 if
-anything spills, uses scratch, needs more shared memory than its chip allows a block, or a kernel that
-streams dense tiles loads in narrower vectors than its tile allows (16 bytes, or each thread's whole share
-of a tile where that is less, with the chip's warp or wavefront size; the split convolution's taps start at
-offsets no alignment analysis can prove, so it is held to no width). It needs the real ``@triton.jit``
+registers spill to memory (SGPRs spilled into VGPR lanes are listed only), a kernel needs more shared
+memory than its chip allows a block, or a kernel that streams dense tiles loads in narrower vectors than
+its tile allows (16 bytes, or each thread's whole share of a tile where that is less, with the chip's warp
+or wavefront size; the split convolution's taps start at offsets no alignment analysis can prove, so it
+is held to no width). It needs the real ``@triton.jit``
 functions, so it refuses to run under ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
