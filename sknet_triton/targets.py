@@ -31,7 +31,6 @@ class Target:
     arch: Union[int, str]  # Triton's GPUTarget arch: the compute capability 90, or "gfx942"
     warp_size: int  # threads per warp (NVIDIA) or wavefront (AMD)
     shared_bytes: int  # shared memory (LDS) one block (workgroup) may use, opt-in maximum
-    chips: str = ""  # examples, for the README's table
 
     @property
     def takes_register_budget(self) -> bool:
@@ -55,14 +54,14 @@ class Target:
 
 
 TARGETS = {t.name: t for t in (
-    Target("sm_80", "cuda", 80, 32, 166912, "A100"),
-    Target("sm_86", "cuda", 86, 32, 101376, "RTX 3090, A40"),
-    Target("sm_89", "cuda", 89, 32, 101376, "RTX 4090, L40S"),
-    Target("sm_90", "cuda", 90, 32, 232448, "H100, H200"),
-    Target("sm_100", "cuda", 100, 32, 232448, "B200"),
-    Target("sm_120", "cuda", 120, 32, 101376, "RTX 5090, RTX Pro 6000"),
-    Target("gfx90a", "hip", "gfx90a", 64, 65536, "MI250, MI210"),
-    Target("gfx942", "hip", "gfx942", 64, 65536, "MI300X, MI325X"),
+    Target("sm_80", "cuda", 80, 32, 166912),  # A100
+    Target("sm_86", "cuda", 86, 32, 101376),  # RTX 3090, A40
+    Target("sm_89", "cuda", 89, 32, 101376),  # RTX 4090, L40S
+    Target("sm_90", "cuda", 90, 32, 232448),  # H100, H200
+    Target("sm_100", "cuda", 100, 32, 232448),  # B200
+    Target("sm_120", "cuda", 120, 32, 101376),  # RTX 5090, RTX Pro 6000
+    Target("gfx90a", "hip", "gfx90a", 64, 65536),  # MI250, MI210
+    Target("gfx942", "hip", "gfx942", 64, 65536),  # MI300X, MI325X
 )}
 
 
