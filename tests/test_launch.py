@@ -10,6 +10,7 @@ import torch
 from perf.accuracy import relative_error
 from perf.aot import Specialization, signature, specializations
 from sknet_triton import launch, planning, targets, tuned
+from sknet_triton.device import uses_triton
 from sknet_triton.families import FAMILIES, FORWARD_DEFAULT, Problem, flatten, problem_inputs
 from tests.helpers import DEVICE, requires_kernels
 from tests.ops_inputs import poisoned_allocations
@@ -129,6 +130,7 @@ def test_arch_name_names_nvidia_and_amd_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device: SimpleNamespace(gcnArchName="gfx942:sramecc+:xnack-", multi_processor_count=304))
     assert tuned.arch_name(cuda) == "gfx942"
+    assert uses_triton(cuda)  # the ops run the kernels there
     assert tuned.arch_name(torch.device("cpu")) is None
 
 
