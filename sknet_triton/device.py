@@ -1,9 +1,11 @@
 """Which devices run the Triton kernels: the one rule every dispatch asks.
 
-CUDA tensors run the kernels, and CPU tensors too where Triton interprets them (``TRITON_INTERPRET=1`` set
-before the kernels were defined); every other device, and every device without the triton package, runs
-the plain-PyTorch reference. Whether the kernels are interpreted is what the kernel package itself was
-defined as (``kernels/split.py`` reads it inside its kernel), so the host never guesses it again.
+CUDA tensors run the kernels (NVIDIA GPUs, and AMD GPUs under PyTorch's ROCm build, where they are "cuda"
+devices with ``torch.version.hip`` set and Triton's AMD backend compiles the same kernels), and CPU tensors
+too where Triton interprets them (``TRITON_INTERPRET=1`` set before the kernels were defined); every other
+device, and every device without the triton package, runs the plain-PyTorch reference. Whether the
+kernels are interpreted is what the kernel package itself was defined as (``kernels/split.py`` reads it
+inside its kernel), so the host never guesses it again.
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Planning one launch: which configuration (the tuned table of the device's architecture, the family's
-default, or one forced by perf/tune.py), and how the work is cut into programs."""
+default, or one forced by perf/tune.py), its launch options as the device's chip takes them
+(:mod:`sknet_triton.targets`), and how the work is cut into programs."""
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +11,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from sknet_triton import tuned
+from sknet_triton import targets, tuned
 from sknet_triton.dtypes import DTYPE_NAMES
 from sknet_triton.families import default_config
 from sknet_triton.tiles import split_block_p, split_blocks, tile_shape
@@ -74,6 +75,14 @@ def device_config(family: str, device: torch.device, dtype: torch.dtype, channel
     return choose_config(tuned.tuned_table(tuned.arch_name(device)), family, dtype, channels_last, M, B, C, HW)
 
 
+def launch_options(config: Config, device: torch.device) -> dict:
+    """Triton's launch options of ``config`` on ``device``: as its chip takes them (warps within a block's
+    threads at its warp or wavefront size; a register budget only for NVIDIA's ptxas); as the configuration
+    says for the interpreter."""
+    arch = tuned.arch_name(device)
+    return config.options() if arch is None else targets.target(arch).launch_options(config.options())
+
+
 def reachable_configs(family: str, M: int) -> set[Config]:
     """The configurations :func:`plan` can choose for ``family`` and M: the default and every tuned one."""
     tuned_configs = {e.config for table in tuned.tuned_tables().values() for e in table if (e.family, e.M) == (family, M)}
@@ -113,7 +122,7 @@ def plan(
     block_c, block_hw = tile_shape(channels_last, C, HW, config.tile_bytes // dtype.itemsize)
     num_c_blocks = math.ceil(C / block_c)
     num_splits, chunk = chunking(B * num_c_blocks, HW, block_hw, device, config, deterministic)
-    return Plan(block_c, block_hw, num_c_blocks, num_splits, chunk, config.options())
+    return Plan(block_c, block_hw, num_c_blocks, num_splits, chunk, launch_options(config, device))
 
 
 def chunking(
@@ -150,4 +159,5 @@ def split_plan(
     num_c_blocks = (C // group_out) * math.ceil(group_out / block_c) if use_dot else math.ceil(C / block_c)
     block_p = split_block_p(config, block_c)
     num_splits, chunk = chunking(B * num_c_blocks, HW, block_p, device, config, deterministic)
-    return SplitPlan(block_c, block_p, num_c_blocks, num_splits, chunk, config.options(), use_dot, block_k)
+    options = launch_options(config, device)
+    return SplitPlan(block_c, block_p, num_c_blocks, num_splits, chunk, options, use_dot, block_k)

@@ -1,5 +1,6 @@
-"""The tuned launch tables: one JSON file per GPU architecture, ``sknet_triton/tuned/sm_<major><minor>.json``
-(format: sknet_triton/tuned/README.md), written by perf/tune.py and read by the launcher's planning.
+"""The tuned launch tables: one JSON file per GPU architecture, ``sknet_triton/tuned/<arch>.json`` named as
+:func:`arch_name` names it (``sm_90.json``, ``gfx942.json``; format: sknet_triton/tuned/README.md), written
+by perf/tune.py and read by the launcher's planning.
 
 A :class:`Config` is how one kernel family is launched for one problem; a :class:`TunedEntry` the best
 configuration measured for one problem. This module reads and writes the files; which entry a launch
@@ -17,7 +18,7 @@ import torch
 
 from sknet_triton.dtypes import DTYPE_NAMES
 
-# Per-architecture tables written by perf/tune.py: sm_<major><minor>.json.
+# Per-architecture tables written by perf/tune.py: <arch>.json.
 TUNED_DIR = Path(__file__).with_name("tuned")
 
 
@@ -52,9 +53,14 @@ class TunedEntry:
 
 
 def arch_name(device: torch.device) -> Optional[str]:
-    """``sm_<major><minor>`` of a CUDA device, None for any other device."""
+    """The architecture of a GPU as its tuned table is named: ``sm_<major><minor>`` for NVIDIA, the LLVM
+    processor (``gfx942``) for AMD under PyTorch's ROCm build (where AMD GPUs are "cuda" devices and
+    ``torch.version.hip`` is set; its ``gcnArchName`` adds target features, ``gfx942:sramecc+:xnack-``, which
+    the table's name leaves out); None for any other device."""
     if device.type != "cuda":
         return None
+    if torch.version.hip:
+        return torch.cuda.get_device_properties(device).gcnArchName.split(":")[0]
     major, minor = torch.cuda.get_device_capability(device)
     return f"sm_{major}{minor}"
 
@@ -82,7 +88,7 @@ def tuned_table(arch: Optional[str]) -> tuple[TunedEntry, ...]:
 
 def tuned_tables() -> dict[str, tuple[TunedEntry, ...]]:
     """Every tuned table in the package, by architecture."""
-    return {path.stem: tuned_table(path.stem) for path in sorted(TUNED_DIR.glob("sm_*.json"))}
+    return {path.stem: tuned_table(path.stem) for path in sorted(TUNED_DIR.glob("*.json"))}
 
 
 def split_measured_faster(

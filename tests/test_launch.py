@@ -2,13 +2,15 @@
 and a tuned table steers the launches of its architecture."""
 import itertools
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from perf.accuracy import relative_error
 from perf.aot import Specialization, signature, specializations
-from sknet_triton import launch, planning, tuned
+from sknet_triton import launch, planning, targets, tuned
+from sknet_triton.device import uses_triton
 from sknet_triton.families import FAMILIES, FORWARD_DEFAULT, Problem, flatten, problem_inputs
 from tests.helpers import DEVICE, requires_kernels
 from tests.ops_inputs import poisoned_allocations
@@ -112,3 +114,69 @@ def test_tuned_configurations_are_launched_and_compiled(tuned_sm_99):
     assert small in planning.reachable_configs("select_fwd", 2)
     compiled = {key(s.family, s.args, s.constexprs, s.options) for s in specializations((torch.float32,))}
     assert key(select.family, select.args, select.constexprs, select.options) in compiled
+
+
+# --------------------------------------------------------------------------------------------------------
+# Each vendor's chips: the architecture's name, its tuned table and the launch options it takes.
+
+
+def test_arch_name_names_nvidia_and_amd_gpus(monkeypatch):
+    """Under PyTorch's ROCm build AMD GPUs are "cuda" devices: the name is the gcnArchName's processor."""
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (12, 0))
+    assert tuned.arch_name(cuda) == "sm_120"
+    monkeypatch.setattr(torch.version, "hip", "6.3.42131")
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(gcnArchName="gfx942:sramecc+:xnack-", multi_processor_count=304))
+    assert tuned.arch_name(cuda) == "gfx942"
+    assert uses_triton(cuda)  # the ops run the kernels there
+    assert tuned.arch_name(torch.device("cpu")) is None
+
+
+def test_targets_know_each_vendors_warp_size():
+    assert [targets.parse_arch(a).name for a in ("90", "sm_90", "gfx942")] == ["sm_90", "sm_90", "gfx942"]
+    assert targets.parse_arch("80") is targets.TARGETS["sm_80"]
+    # Architectures the table lacks: NVIDIA's warps, AMD's wave64 CDNA and wave32 RDNA.
+    assert (targets.target("sm_75").backend, targets.target("sm_75").warp_size) == ("cuda", 32)
+    assert (targets.target("gfx950").backend, targets.target("gfx950").warp_size) == ("hip", 64)
+    assert targets.target("gfx1100").warp_size == 32
+    for name in ("gfx942", "sm_120"):
+        assert targets.target(name).max_warps * targets.target(name).warp_size == targets.MAX_THREADS
+    with pytest.raises(ValueError, match="no GPU architecture 'h100'"):
+        targets.parse_arch("h100")
+
+
+@pytest.fixture
+def tuned_gfx942(tmp_path, monkeypatch):
+    """A tuned table for gfx942, which every device is taken to be, whose entry an NVIDIA chip could launch as
+    it is: 32 warps, a register budget."""
+    config = dict(tile_bytes=4096, num_warps=32, num_stages=2, programs_per_sm=2, maxnreg=128)
+    write_table(tmp_path / "gfx942.json", [entry("select_fwd", 24, 99, config)])
+    monkeypatch.setattr(tuned, "TUNED_DIR", tmp_path)
+    monkeypatch.setattr(tuned, "arch_name", lambda device: "gfx942")
+    tuned.tuned_table.cache_clear()
+    planning.clear_plans()
+    yield tuned.Config(**config)
+    tuned.tuned_table.cache_clear()
+    planning.clear_plans()
+
+
+def test_an_amd_table_is_launched_as_the_chip_takes_it(tuned_gfx942, monkeypatch):
+    """gfx942's table steers its launches, as 64-thread wavefronts within a workgroup's 1024 threads and
+    without ptxas's register budget, and the kernels still compute the select (through the interpreter)."""
+    assert tuned.tuned_tables()["gfx942"][0].config == tuned_gfx942
+    assert tuned_gfx942 in planning.reachable_configs("select_fwd", 2)
+    problem = Problem(2, 24, 9, 11, 2, torch.float32, True)
+    inputs = problem_inputs("select_fwd", problem, DEVICE, seed=5)
+    with launch.recording() as launches:
+        launch.launcher("select_fwd")(*FAMILIES["select_fwd"].calls(inputs)[0])
+    assert [r.options for r in launches] == [dict(num_warps=16, num_stages=2)]
+    # The defaults' 8 warps of 32 threads: 4 wavefronts of 64.
+    assert planning.launch_options(FORWARD_DEFAULT, DEVICE) == dict(num_warps=4, num_stages=FORWARD_DEFAULT.num_stages)
+    with poisoned_allocations(monkeypatch):
+        actual = flatten(launch.launcher("select_fwd")(*FAMILIES["select_fwd"].calls(inputs)[0]))
+    assert relative_error(actual, FAMILIES["select_fwd"].reference(inputs)) < 1e-5
+    # The same entry on an NVIDIA chip keeps its warps and budget.
+    monkeypatch.setattr(tuned, "arch_name", lambda device: "sm_120")
+    assert planning.launch_options(tuned_gfx942, DEVICE) == tuned_gfx942.options()
