@@ -59,7 +59,7 @@ kernels)
     step tests 100 "$PYTHON" -m pytest -q -rf --durations=10 tests/test_ops.py tests/test_ops_compile.py \
         tests/test_ops_validation.py tests/test_launch.py tests/test_bn_train.py tests/test_split.py tests/test_compiled_path.py
     step tune 120 "$PYTHON" perf/tune.py --budget-s 75 --dtypes bf16 --layouts channels_last --out "$WORK/tune"
-    cp sknet_triton/tuned/sm_*.json "$OUT/" 2>/dev/null
+    cp sknet_triton/tuned/*.json "$OUT/" 2>/dev/null
     step ops 80 "$PYTHON" perf/ops.py --quick --budget-s 45 --out "$WORK/ops"
     step perf 190 "$PYTHON" perf/run.py --quick --no-ops --out "$WORK/results"
     step cuda_graphs 80 "$PYTHON" -m pytest -q -rf tests/test_cuda_graphs.py -k "sknet_tiny or sknet50"
