@@ -7,6 +7,7 @@ interpreter only runs for the small model.
 import copy
 import re
 
+import huggingface_hub.constants as hub
 import pytest
 import timm
 import torch
@@ -226,7 +227,6 @@ def test_pretrained_without_weights_says_so(name):
 
 
 def test_pretrained_download_failure_is_a_clear_error(monkeypatch, tmp_path):
-    hub = pytest.importorskip("huggingface_hub.constants")
     # timm's own download path, kept off the network and away from any cached weights.
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))

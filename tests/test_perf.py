@@ -117,7 +117,6 @@ def test_default_out_dir_never_names_an_earlier_run(tmp_path):
 
 
 def test_chart_has_a_legend_and_keeps_value_labels_inside_the_frame():
-    pytest.importorskip("matplotlib")
     device = torch.device("cpu")
     rows = []
     for mode, scale in (("inference", 1.0), ("train", 0.01)):

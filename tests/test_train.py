@@ -240,7 +240,6 @@ def write_image_folders(root, images_per_class: int = 2, classes: int = 2, size:
 
 
 def test_an_unreadable_image_stops_the_run_with_one_line_naming_it(tmp_path):
-    pytest.importorskip("torchvision")
     write_image_folders(tmp_path)
     broken = tmp_path / "train" / "b" / "1.png"
     broken.write_bytes(broken.read_bytes()[:100])  # a truncated download
@@ -256,7 +255,6 @@ def test_an_unreadable_image_stops_the_run_with_one_line_naming_it(tmp_path):
 
 
 def test_image_loader_names_the_file_it_cannot_read(tmp_path):
-    pytest.importorskip("PIL")
     write_image_folders(tmp_path, images_per_class=1)
     good = tmp_path / "train" / "a" / "0.png"
     image = load_rgb_image(str(good))

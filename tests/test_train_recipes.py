@@ -120,7 +120,6 @@ FOLDER_CLASSES = 3
 
 
 def test_eval_only_of_pretrained_weights_reproduces_timms_validation(tmp_path):
-    pytest.importorskip("torchvision")
     import timm
     import timm.data
     import timm.utils
@@ -304,7 +303,6 @@ def test_random_erasing_of_synthetic_images_depends_on_seed_epoch_and_index():
 
 
 def test_timm_policies_on_image_folders_repeat_per_seed_epoch_and_index(tmp_path):
-    pytest.importorskip("torchvision")
     from timm.data.auto_augment import RandAugment
 
     write_image_folders(tmp_path, images_per_class=1)
