@@ -8,7 +8,6 @@ takes is :func:`sknet_triton.planning.choose_config`'s decision.
 """
 from __future__ import annotations
 
-import functools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,6 +51,9 @@ class TunedEntry:
     config: Config
 
 
+# torch.compile calls this at trace time and keeps the answer as a constant: SKConv's split decision asks it
+# inside a traced forward, where the device query itself would break the graph.
+@torch.compiler.assume_constant_result
 def arch_name(device: torch.device) -> Optional[str]:
     """The architecture of a GPU as its tuned table is named: ``sm_<major><minor>`` for NVIDIA, the LLVM
     processor (``gfx942``) for AMD under PyTorch's ROCm build (where AMD GPUs are "cuda" devices and
@@ -79,16 +81,36 @@ def write_table(path: Path, arch: str, stamp: dict, entries: list[TunedEntry]) -
     path.write_text(json.dumps({"arch": arch, **stamp, "entries": rows}, indent=1) + "\n")
 
 
-@functools.lru_cache(maxsize=None)
+# Every table in TUNED_DIR, by architecture, and the output positions where each records the split kernel
+# faster, keyed (dtype name, channels_last, M, C). Read once, at import: the tables are fixed for the process,
+# and torch.compile traces SKConv's split decision as plain dict lookups, with no file opened in a traced forward.
+TABLES: dict[str, tuple[TunedEntry, ...]] = {}
+SPLIT_FASTER: dict[str, dict[tuple[str, bool, int, int], tuple[int, ...]]] = {}
+
+
+def load_tables(directory: Optional[Path] = None) -> None:
+    """(Re)read every tuned table in ``directory`` (default :data:`TUNED_DIR`) into :data:`TABLES` and
+    :data:`SPLIT_FASTER`, replacing what they held: at import, and by tests that write a table of their own.
+    Plans cached before (:func:`sknet_triton.planning.clear_plans`) are the caller's to forget."""
+    TABLES.clear()
+    SPLIT_FASTER.clear()
+    for path in sorted((directory or TUNED_DIR).glob("*.json")):
+        entries = TABLES[path.stem] = tuple(read_table(path))
+        split = SPLIT_FASTER[path.stem] = {}
+        for e in entries:
+            if e.family == "split_fwd":
+                key = (e.dtype, e.channels_last, e.M, e.C)
+                split[key] = split.get(key, ()) + (e.HW,)
+
+
 def tuned_table(arch: Optional[str]) -> tuple[TunedEntry, ...]:
     """The tuned table for ``arch``; empty where none was written."""
-    path = TUNED_DIR / f"{arch}.json"
-    return tuple(read_table(path)) if arch and path.exists() else ()
+    return TABLES.get(arch, ()) if arch else ()
 
 
 def tuned_tables() -> dict[str, tuple[TunedEntry, ...]]:
     """Every tuned table in the package, by architecture."""
-    return {path.stem: tuned_table(path.stem) for path in sorted(TUNED_DIR.glob("*.json"))}
+    return dict(TABLES)
 
 
 def split_measured_faster(
@@ -96,9 +118,11 @@ def split_measured_faster(
 ) -> bool:
     """Whether this device's tuned table has a "split_fwd" entry for exactly this kind and shape (dtype,
     layout, M, C, output positions HW): perf/tune.py writes one only where the split kernel beat the cuDNN
-    convolutions + BatchNorm + ReLU + fuse it replaces."""
-    name = DTYPE_NAMES.get(dtype)
-    return any(
-        (e.family, e.dtype, e.channels_last, e.M, e.C, e.HW) == ("split_fwd", name, channels_last, M, C, HW)
-        for e in tuned_table(arch_name(device))
-    )
+    convolutions + BatchNorm + ReLU + fuse it replaces. Traced by torch.compile: dict lookups on constants,
+    then HW compared with each recorded one (a guard on HW where H and W are dynamic)."""
+    arch = arch_name(device)
+    positions = SPLIT_FASTER.get(arch, {}).get((DTYPE_NAMES.get(dtype), channels_last, M, C), ()) if arch else ()
+    return any(HW == recorded for recorded in positions)
+
+
+load_tables()

@@ -2,6 +2,7 @@
 and a tuned table steers the launches of its architecture."""
 import itertools
 import json
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -84,12 +85,11 @@ def tuned_sm_99(tmp_path, monkeypatch):
     small = dict(tile_bytes=2048, num_warps=2, num_stages=2, programs_per_sm=2)
     large = dict(tile_bytes=16384, num_warps=4, num_stages=4, programs_per_sm=8)
     write_table(tmp_path / "sm_99.json", [entry("select_fwd", 16, 64, small), entry("select_fwd", 512, 3136, large)])
-    monkeypatch.setattr(tuned, "TUNED_DIR", tmp_path)
     monkeypatch.setattr(tuned, "arch_name", lambda device: "sm_99")
-    tuned.tuned_table.cache_clear()
+    tuned.load_tables(tmp_path)
     planning.clear_plans()
     yield tuned.Config(**small), tuned.Config(**large)
-    tuned.tuned_table.cache_clear()
+    tuned.load_tables()
     planning.clear_plans()
 
 
@@ -134,6 +134,24 @@ def test_arch_name_names_nvidia_and_amd_gpus(monkeypatch):
     assert tuned.arch_name(torch.device("cpu")) is None
 
 
+def test_arch_name_is_a_constant_under_torch_compile(monkeypatch):
+    """SKConv's split decision asks the architecture inside a traced forward: torch.compile must take the
+    answer as a constant, not trace the device query (which it cannot)."""
+    def device_query(device):
+        with open(os.devnull):  # as opaque to torch.compile as the driver's own query
+            return (9, 0)
+
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", device_query)
+
+    def on_sm_90(x):
+        return x + 1 if tuned.arch_name(torch.device("cuda", 0)) == "sm_90" else x - 1
+
+    torch._dynamo.reset()
+    assert torch.compile(on_sm_90, fullgraph=True, backend="eager")(torch.zeros(2)).tolist() == [1.0, 1.0]
+    torch._dynamo.reset()
+
+
 def test_targets_know_each_vendors_warp_size():
     assert [targets.parse_arch(a).name for a in ("90", "sm_90", "gfx942")] == ["sm_90", "sm_90", "gfx942"]
     assert targets.parse_arch("80") is targets.TARGETS["sm_80"]
@@ -153,12 +171,11 @@ def tuned_gfx942(tmp_path, monkeypatch):
     it is: 32 warps, a register budget."""
     config = dict(tile_bytes=4096, num_warps=32, num_stages=2, programs_per_sm=2, maxnreg=128)
     write_table(tmp_path / "gfx942.json", [entry("select_fwd", 24, 99, config)])
-    monkeypatch.setattr(tuned, "TUNED_DIR", tmp_path)
     monkeypatch.setattr(tuned, "arch_name", lambda device: "gfx942")
-    tuned.tuned_table.cache_clear()
+    tuned.load_tables(tmp_path)
     planning.clear_plans()
     yield tuned.Config(**config)
-    tuned.tuned_table.cache_clear()
+    tuned.load_tables()
     planning.clear_plans()
 
 

@@ -5,11 +5,14 @@ mode with the split kernel forced on, against the paths' own convolutions.
 Without CUDA the kernel runs on the CPU through Triton's interpreter (see conftest.py): shapes stay small.
 """
 import copy
+import dataclasses
+import json
 
 import pytest
 import torch
 
-from sknet_triton import SKConv, create_model, launch, ops, reference, set_backend, set_split_conv
+from sknet_triton import SKConv, create_model, families, launch, ops, planning, reference, set_backend, set_split_conv
+from sknet_triton import tuned
 from sknet_triton.layout import image_layout
 from tests.helpers import DEVICE, requires_kernels
 from tests.model_helpers import randomize_batchnorm
@@ -214,3 +217,47 @@ def test_model_with_forced_split_kernel_matches_its_convolutions(split_calls):
         out = set_split_conv(model, "triton")(x)
     assert len(split_calls) == 4, "every SK unit ran the split kernel"
     assert_close(out, expected, F32, "logits")
+
+
+@pytest.fixture
+def split_faster_at_5x5(tmp_path, monkeypatch):
+    """A tuned table of a made-up sm_99, which every device is taken to be, recording the split kernel faster
+    than the convolutions for float32 NCHW, M = 2, C = 16 at 5x5 output positions, and nowhere else."""
+    config = dataclasses.asdict(families.default_config("split_fwd", 2))
+    entry = {"family": "split_fwd", "dtype": "fp32", "channels_last": False, "M": 2, "B": 2, "C": 16, "HW": 25,
+             "config": {k: v for k, v in config.items() if v is not None}}
+    (tmp_path / "sm_99.json").write_text(json.dumps({"arch": "sm_99", "entries": [entry]}))
+    monkeypatch.setattr(tuned, "arch_name", lambda device: "sm_99")
+    tuned.load_tables(tmp_path)
+    planning.clear_plans()
+    yield
+    tuned.load_tables()
+    planning.clear_plans()
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_auto_takes_the_split_kernel_where_the_tuned_table_records_it(split_faster_at_5x5, split_calls, dynamic):
+    """"auto" runs the split kernel at the recorded shape only, eagerly and under torch.compile(fullgraph=True),
+    whose trace reads the table as constants (no file opened, no graph break), with H and W static or
+    symbolic."""
+    layer = randomize_batchnorm(SKConv(16, 16, groups=4, attn_width=8)).to(DEVICE).eval()
+    recorded, other = torch.randn(2, 16, 5, 5, device=DEVICE), torch.randn(2, 16, 6, 5, device=DEVICE)
+    with torch.no_grad():
+        expected = [set_split_conv(layer, "cudnn")(x) for x in (recorded, other)]
+        eager = [set_split_conv(layer, "auto")(x) for x in (recorded, other)]
+        assert [tuple(shape) for shape in split_calls] == [(2, 16, 5, 5)], "the split kernel ran at 5x5 only"
+
+        torch._dynamo.reset()
+        graphs = []
+
+        def record(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        compiled = torch.compile(layer, fullgraph=True, dynamic=dynamic, backend=record)
+        outs = [compiled(x) for x in (other, recorded, other)]
+    torch._dynamo.reset()
+    split_in_graph = [any("sk_split" in str(n.target) for n in gm.graph.nodes) for gm in graphs]
+    assert split_in_graph == [False, True], "one graph per decision, the split kernel in the 5x5 one"
+    for out, want, label in zip(eager + outs, expected + [expected[1], expected[0], expected[1]], range(5)):
+        assert_close(out, want, F32, f"output {label}")
