@@ -10,10 +10,14 @@ inside its kernel), so the host never guesses it again.
 from __future__ import annotations
 
 import importlib.util
+import re
+from typing import Optional
 
 import torch
 
-__all__ = ["TRITON_INSTALLED", "INTERPRETED", "KERNEL_DEVICE_TYPES", "uses_triton", "kernel_path"]
+__all__ = [
+    "TRITON_INSTALLED", "INTERPRETED", "KERNEL_DEVICE_TYPES", "uses_triton", "kernel_path", "interpreter_problem",
+]
 
 # Triton is published for Linux only: without the package every device runs the reference.
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
@@ -24,6 +28,27 @@ if TRITON_INSTALLED:
     INTERPRETED = bool(_KERNELS_INTERPRETED.value)
 else:
     INTERPRETED = False
+
+
+def interpreter_problem(triton_version: str, numpy_version: str) -> Optional[str]:
+    """Why Triton's interpreter cannot run the kernels with these releases, or None. Before Triton 3.7 it
+    takes a loop bound as ``int()`` of a one-element array, which NumPy 2.4 refuses: every kernel fails."""
+    def release(version: str) -> tuple[int, ...]:
+        return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+
+    if release(triton_version) < (3, 7) and release(numpy_version) >= (2, 4):
+        return (f"TRITON_INTERPRET=1 with triton {triton_version} and numpy {numpy_version}: Triton's interpreter "
+                f"before 3.7 cannot run kernels under NumPy 2.4 or newer; install 'numpy<2.4' or 'triton>=3.7'")
+    return None
+
+
+if INTERPRETED:
+    import numpy
+    import triton
+
+    _problem = interpreter_problem(triton.__version__, numpy.__version__)
+    if _problem is not None:
+        raise ImportError(f"sknet_triton: {_problem}")
 
 
 def uses_triton(device: torch.device) -> bool:

@@ -60,6 +60,16 @@ def test_off_the_kernels_device_the_ops_run_the_reference(monkeypatch):
         assert unit_path(set_split_conv(unit.eval(), "triton"), x) is UnitPath.FOLDED_BATCHNORM
 
 
+def test_an_interpreter_that_cannot_run_the_kernels_is_named():
+    """Triton's interpreter before 3.7 fails every kernel under NumPy 2.4: importing sknet_triton with
+    TRITON_INTERPRET=1 there says so and how to fix it, rather than each kernel failing on its own."""
+    problem = device.interpreter_problem("3.6.0", "2.4.1")
+    assert problem is not None and "'numpy<2.4'" in problem and "'triton>=3.7'" in problem
+    assert device.interpreter_problem("3.6.0", "2.3.5") is None
+    assert device.interpreter_problem("3.7.0", "2.4.1") is None
+    assert device.interpreter_problem("3.10.0", "2.10.0") is None
+
+
 # (mode, backend, split_conv, grad, reference device) -> the path an empty batch takes.
 EMPTY_BATCH_CASES = {
     "train-kernels": (("train", "auto", "auto", True, False), UnitPath.BATCH_STATISTICS),
