@@ -8,6 +8,10 @@ from torch import Tensor, nn
 # is then eps's residue, a cancellation that no relative bound judges (float32 errors of 3e-4 on some
 # machines). From four images on it is as well conditioned as every other gradient.
 TRAINING_BATCH = 4
+# The classifier width of the models the tests build, and the model that runs the kernels through Triton's
+# interpreter (the others run the "torch" backend, which keeps the interpreter cheap).
+NUM_CLASSES = 10
+SMALL_MODEL = "sknet_tiny"
 
 
 def randomize_batchnorm(model: nn.Module) -> nn.Module:

@@ -11,9 +11,8 @@ from torch import nn
 from sknet_triton import SKConv, accelerate, convert_state_dict, create_model, list_models, set_backend
 from tests import seed_sknet
 from tests.helpers import DEVICE
-from tests.model_helpers import assert_close_relative, randomize_batchnorm
+from tests.model_helpers import NUM_CLASSES, assert_close_relative, randomize_batchnorm
 
-NUM_CLASSES = 10
 SEED_NETWORKS = [("sknet50", seed_sknet.SKNet50), ("sknet101", seed_sknet.SKNet101)]
 
 

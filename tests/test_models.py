@@ -19,6 +19,8 @@ from torch._dynamo.utils import counters
 from sknet_triton import create_model, list_models, set_backend
 from tests.helpers import DEVICE, requires_kernels
 from tests.model_helpers import (
+    NUM_CLASSES,
+    SMALL_MODEL,
     TRAINING_BATCH,
     assert_as_accurate_as,
     assert_close_relative,
@@ -26,8 +28,6 @@ from tests.model_helpers import (
     randomize_batchnorm,
 )
 
-NUM_CLASSES = 10
-SMALL_MODEL = "sknet_tiny"
 # Our model and the timm model with the same architecture and state-dict keys.
 TIMM_EQUIVALENTS = [
     ("skresnet18", "skresnet18"),

@@ -21,14 +21,14 @@ from sknet_triton import SKConv, accelerate, create_model, graph_ops, list_model
 from sknet_triton.layers import _batchnorm_affine
 from tests.helpers import DEVICE, requires_kernels
 from tests.model_helpers import (
+    NUM_CLASSES,
+    SMALL_MODEL,
     TRAINING_BATCH,
     assert_close_relative,
     assert_grads_as_accurate_as,
     randomize_batchnorm,
 )
 
-NUM_CLASSES = 10
-SMALL_MODEL = "sknet_tiny"
 # The models that run the kernels under Triton's interpreter (test_accelerated_timm_model_scripts_and_traces
 # runs them with split_input).
 KERNEL_MODELS = (SMALL_MODEL,)

@@ -20,14 +20,14 @@ from sknet_triton import SKConv, create_model, list_models, set_backend
 from sknet_triton.models import SKNET_MODELS
 from tests.helpers import DEVICE, requires_kernels
 from tests.model_helpers import (
+    NUM_CLASSES,
+    SMALL_MODEL,
     assert_as_accurate_as,
     assert_close_relative,
     assert_grads_as_accurate_as,
     randomize_batchnorm,
 )
 
-NUM_CLASSES = 10
-SMALL_MODEL = "sknet_tiny"
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
