@@ -40,7 +40,10 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 
 from sknet_triton.dtypes import DTYPE_NAMES
-from sknet_triton.families import BRANCH_COUNTS, FAMILIES, Problem, problem_inputs
+from perf.examples import EXAMPLES, Problem, problem_inputs
+from perf.recording import recording
+from sknet_triton.families import FAMILIES
+from sknet_triton.ops.launch import BRANCH_COUNTS
 from sknet_triton.targets import TARGETS, Target, parse_arch
 
 DEFAULT_ARCHS = ("sm_80", "sm_90")  # the whole sweep's default, and the targets of the test suite's sample
@@ -119,12 +122,10 @@ class Specialization:
 def example_launches(family: str, dtype: torch.dtype, M: int) -> list:
     """``family``'s launches (recorded, not run) of every call its entry lists, on a small CPU problem of M
     branches of ``dtype``: the argument types and flags (a prologue's AFFINE, ...) each launch passes."""
-    from sknet_triton import launch
-
     inputs = problem_inputs(family, Problem(2, 32, 4, 4, M, dtype, False), torch.device("cpu"), seed=0)
-    with launch.recording() as launches:
-        for call in FAMILIES[family].calls(inputs):
-            launch.launcher(family)(*call)
+    with recording() as launches:
+        for call in EXAMPLES[family].calls(inputs):
+            call()
     return [recorded for recorded in launches if recorded.family == family]
 
 
@@ -138,7 +139,7 @@ def specializations(dtypes=tuple(DTYPE_NAMES)) -> Iterator[Specialization]:
     seen = set()
     for family, dtype, M in itertools.product(FAMILIES.values(), dtypes, BRANCH_COUNTS):
         for recorded in example_launches(family.name, dtype, M):
-            for config in sorted(reachable_configs(family.name, M), key=repr):
+            for config in sorted(reachable_configs(family, M), key=repr):
                 options = config.options()
                 for variant in family.constexpr_variants(config, dtype):
                     spec = Specialization(family.name, recorded.args, dict(recorded.constexprs, **variant), options)
@@ -364,9 +365,9 @@ def main(argv=None) -> int:
     import triton
     from tqdm import tqdm
 
-    from sknet_triton import launch
+    from sknet_triton.device import INTERPRETED
 
-    if launch.INTERPRETED:
+    if INTERPRETED:
         parser.error("the kernels are interpreted here (TRITON_INTERPRET is set); run without it")
     assert isinstance(FAMILIES["fuse_fwd"].kernel, triton.runtime.JITFunction)
     unknown = set(args.family or ()) - set(FAMILIES)

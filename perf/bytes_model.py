@@ -20,7 +20,7 @@ STEM_HALVINGS = 2
 
 def kernel_passes(family: str, M: int) -> int:
     """The least passes of one kernel family's launch: its registry entry's bytes model
-    (sknet_triton/families.py says what each family reads and writes)."""
+    (each family's declaration, beside its op in sknet_triton/ops/, says what it reads and writes)."""
     return FAMILIES[family].passes(M)
 
 

@@ -18,7 +18,7 @@ plain-PyTorch reference (``sknet_triton.reference``) eager and under ``torch.com
 
 ``limit`` says in words which of them sets the call time. ``--host-only`` runs without a GPU: the Python
 host cost of one call up to the kernel launch, with the launch recorded instead of run
-(``sknet_triton.launch.recording``), on CPU tensors through the interpreter's dispatch.
+(perf/recording.py), on CPU tensors through the interpreter's dispatch.
 
     python perf/ops.py [--quick] [--dtypes bf16,fp32] [--layouts channels_last,contiguous] [--out DIR]
                        [--budget-s SECONDS]
@@ -54,7 +54,8 @@ from perf.accuracy import OP_TOLERANCE, relative_error
 from perf.model_bench import describe_error
 from perf.timing import call_time_us, gpu_time_us, host_time_us, input_sets_needed
 from sknet_triton.dtypes import DTYPES as ALL_DTYPES
-from sknet_triton.families import flatten
+from perf.examples import EXAMPLES, Problem, branch_inputs, flatten
+from perf.recording import recording
 
 # SKNet-50's SK units at 224x224: (C, H, W) of each stage.
 SHAPES = ((128, 56, 56), (256, 28, 28), (512, 14, 14), (1024, 7, 7))
@@ -176,9 +177,7 @@ def op_call(op: str, fuse: Callable, select: Callable, inputs: dict) -> Callable
 def make_inputs(batch: int, C: int, H: int, W: int, dtype: torch.dtype, layout: str, device: torch.device,
                 seed: int = 0) -> dict:
     """Seeded branches, logits, prologue constants and upstream gradients of one configuration: the fuse
-    and select families' inputs (sknet_triton.families.branch_inputs)."""
-    from sknet_triton.families import Problem, branch_inputs
-
+    and select families' inputs (perf/examples.py)."""
     problem = Problem(batch, C, H, W, BRANCHES, dtype, layout == "channels_last")
     return branch_inputs(problem, torch.Generator(device=device).manual_seed(seed))
 
@@ -311,15 +310,14 @@ def host_only_rows(calls: int = HOST_ONLY_CALLS, progress=None) -> list[dict]:
     """µs of host work per call, each op, dtype and layout, with every kernel launch recorded instead of run.
 
     The figures of a row, each the median of ``calls`` calls timed one by one: the public call as a user
-    makes it (validation, dispatch, the custom op, launcher; for backward, ``torch.autograd.grad`` of one
-    forward), for forward ops the same call without grad mode (eager inference, which skips the operator's
-    dispatch), the launcher alone (``sknet_triton.launch``: planning, allocation, argument assembly), and
-    the validation alone (forward ops). Needs the kernel path on CPU tensors (TRITON_INTERPRET=1 set before
-    sknet_triton is imported).
+    makes it (validation, dispatch, launcher; for backward, ``torch.autograd.grad`` of one forward); for
+    forward ops the same call on inputs that require grad (autograd records it), and without grad mode
+    (eager inference); the launcher alone (planning, allocation, argument assembly), and the validation
+    alone (forward ops). Needs the kernel path on CPU tensors (TRITON_INTERPRET=1 set before sknet_triton
+    is imported).
     """
     import sknet_triton
-    from sknet_triton import launch, ops
-    from sknet_triton.families import FAMILIES
+    from sknet_triton.ops import checks
 
     if sknet_triton.ops.kernel_path(torch.device("cpu")) != "triton-interpreter":
         raise RuntimeError("--host-only needs TRITON_INTERPRET=1 set before sknet_triton is imported")
@@ -328,18 +326,20 @@ def host_only_rows(calls: int = HOST_ONLY_CALLS, progress=None) -> list[dict]:
     for dtype_name, layout, op in itertools.product(DTYPES, LAYOUTS, OPS):
         inputs = make_inputs(B, C, H, W, DTYPES[dtype_name], layout, torch.device("cpu"))
         branches, logits = inputs["branches"], inputs["logits"]
-        with launch.recording() as launches:
+        with recording() as launches:
             call = op_call(op, sknet_triton.sk_fuse, sknet_triton.sk_select, inputs)
-            family = op.replace(" ", "_")
-            tuned_call = FAMILIES[family].calls(inputs)[0]
-            launcher = functools.partial(launch.launcher(family), *tuned_call)
-            figures = {"call µs": _median_us(call, calls, launches), "launcher µs": _median_us(launcher, calls, launches)}
+            launcher = EXAMPLES[op.replace(" ", "_")].calls(inputs)[0]
+            figures = {"call µs": _median_us(call, calls, launches)}
             if op.endswith("fwd"):
+                leaves = {"branches": [b.detach().requires_grad_() for b in branches],
+                          "logits": logits.detach().requires_grad_()}
+                grad_call = op_call(op, sknet_triton.sk_fuse, sknet_triton.sk_select, leaves)
+                figures["grad call µs"] = _median_us(grad_call, calls, launches)
                 figures["no-grad call µs"] = _median_us(_without_grad(call), calls, launches)
-                needs_logits = op == "select fwd"
-                figures["validation µs"] = _median_us(
-                    lambda: ops._check_inputs(op, branches, logits if needs_logits else None, None, None, False,
-                                              needs_logits), calls, launches)
+            figures["launcher µs"] = _median_us(launcher, calls, launches)
+            if op.endswith("fwd"):
+                figures["validation µs"] = _median_us(functools.partial(_validate, checks, op, branches, logits),
+                                                      calls, launches)
             call()
             launched = [entry.family for entry in launches]
         rows.append({"op": op, "B×C×H×W": "×".join(map(str, HOST_ONLY_SHAPE)), "dtype": dtype_name,
@@ -348,6 +348,15 @@ def host_only_rows(calls: int = HOST_ONLY_CALLS, progress=None) -> list[dict]:
         if progress is not None:
             progress.update(1)
     return rows
+
+
+def _validate(checks, op: str, branches: list, logits) -> None:
+    """The checks a forward op runs on its inputs (no prologue)."""
+    name = "sk_" + op.split()[0]
+    _, views = checks.check_branches(name, branches)
+    if op == "select fwd":
+        checks.check_logits(name, logits, views)
+    checks.check_prologue(name, views, None, None, False)
 
 
 def _without_grad(call: Callable) -> Callable:

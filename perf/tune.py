@@ -4,9 +4,9 @@ write the GPU's tuned table.
 For each kernel family the registry sweeps (sknet_triton/families.py: fuse and select, forward and
 backward, and the training-mode BatchNorm kernels), SKNet-50 SK shape, dtype and layout (M = 2, B = 128),
 candidate :class:`sknet_triton.tuned.Config` values are forced on the launcher
-(``planning.forcing_config``) and timed by GPU time alone (perf/timing.py's CUDA-graph replay over input
+(perf/forcing.py) and timed by GPU time alone (perf/timing.py's CUDA-graph replay over input
 sets that overflow the L2 cache). The family's entry builds the inputs, names the launcher call and
-gives the float64 reference that call is checked against. The grid is searched one coordinate at a
+gives the float64 reference that call is checked against (perf/examples.py). The grid is searched one coordinate at a
 time, the way these memory-bound kernels respond:
 
 1. tile size x warps (the bytes in flight per program and the threads that issue them);
@@ -51,11 +51,12 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from perf import bytes_model, ops, report, tune_split
+from perf import bytes_model, examples, ops, report, tune_split
 from perf.accuracy import OP_TOLERANCE, relative_error
+from perf.forcing import forcing_config
 from perf.model_bench import describe_error
 from perf.timing import device_time_us, input_sets_needed
-from sknet_triton import families, planning, tuned
+from sknet_triton import families, tuned
 from sknet_triton.dtypes import DTYPES
 
 # The families the grid sweeps; the split kernel is timed against cuDNN instead (perf/tune_split.py).
@@ -91,9 +92,9 @@ class Problem:
         return "channels_last" if self.channels_last else "contiguous"
 
     @property
-    def family_problem(self) -> families.Problem:
-        """The problem as its family's entry takes it."""
-        return families.Problem(self.B, self.C, self.H, self.W, ops.BRANCHES, DTYPES[self.dtype], self.channels_last)
+    def family_problem(self) -> examples.Problem:
+        """The problem as its family's examples take it."""
+        return examples.Problem(self.B, self.C, self.H, self.W, ops.BRANCHES, DTYPES[self.dtype], self.channels_last)
 
 
 GPU_GRID = Grid()
@@ -113,14 +114,11 @@ def problems(shapes, dtypes, layouts, batch: int) -> list[Problem]:
 def _launcher_call(problem: Problem, inputs: dict) -> Callable[[], object]:
     """One launch of the problem's family through its launcher (what the op calls), on ``inputs``: the
     family's tuned call."""
-    from sknet_triton import launch
-
-    call = families.FAMILIES[problem.family].calls(inputs)[0]
-    return lambda: launch.launcher(problem.family)(*call)
+    return examples.EXAMPLES[problem.family].calls(inputs)[0]
 
 
 def _inputs(problem: Problem, device: torch.device, seed: int) -> dict:
-    return families.problem_inputs(problem.family, problem.family_problem, device, seed)
+    return examples.problem_inputs(problem.family, problem.family_problem, device, seed)
 
 
 def _min_bytes(problem: Problem) -> int:
@@ -130,7 +128,7 @@ def _min_bytes(problem: Problem) -> int:
 
 def candidates(problem: Problem, grid: Grid, stage: int, best=None) -> list:
     """The configurations of search ``stage`` (1, 2 or 3) for ``problem``; ``best``: the previous stage's winner."""
-    default = families.default_config(problem.family, ops.BRANCHES)
+    default = families.FAMILIES[problem.family].defaults[ops.BRANCHES]
     if stage == 1:
         tiles = grid.small_tiles if families.FAMILIES[problem.family].small_tiles else grid.forward_tiles
         return [tuned.Config(t, w, default.num_stages, default.programs_per_sm, default.maxnreg)
@@ -149,7 +147,7 @@ def _compile_in_worker(problem: Problem, configs: list) -> int:
     device = torch.device("cuda")
     call = _launcher_call(problem, _inputs(problem, device, seed=0))
     for config in configs:
-        with planning.forcing_config(config):
+        with forcing_config(config):
             call()
     torch.cuda.synchronize()
     return len(configs)
@@ -187,7 +185,7 @@ class Timer:
     def time_us(self, problem: Problem, config) -> float:
         """GPU µs of one launch of ``problem`` with ``config`` (wall µs on the CPU)."""
         calls = [_launcher_call(problem, inputs) for inputs in self.sets(problem)]
-        with planning.forcing_config(config):
+        with forcing_config(config):
             return device_time_us(calls, self.device, self.grid.replays)
 
 
@@ -196,11 +194,11 @@ def verify(problem: Problem, config, device: torch.device) -> float:
     fresh inputs. On a GPU, a block as large as the outputs is filled with NaN and freed first: the caching
     allocator likely hands it to the outputs, so that an element never written shows as NaN."""
     inputs = _inputs(problem, device, seed=1234)
-    expected = families.FAMILIES[problem.family].reference(inputs)
+    expected = examples.EXAMPLES[problem.family].reference(inputs)
     if device.type == "cuda":
         torch.full((4 * sum(e.numel() for e in expected),), float("nan"), device=device)  # freed at once
-    with planning.forcing_config(config):
-        actual = families.flatten(_launcher_call(problem, inputs)())
+    with forcing_config(config):
+        actual = examples.flatten(_launcher_call(problem, inputs)())
     return relative_error(actual, expected)
 
 
@@ -249,7 +247,7 @@ def tune(problem_list: list[Problem], grid: Grid, device: torch.device, budget_s
         # usually measured already.
         defaults = {}
         for problem in tqdm(list(best), desc="defaults and checks", unit="problem"):
-            default = families.default_config(problem.family, ops.BRANCHES)
+            default = families.FAMILIES[problem.family].defaults[ops.BRANCHES]
             measured = [r["µs"] for r in records if r["problem"] == problem and r["config"] == default]
             defaults[problem] = measured[0] if measured else timer.time_us(problem, default)
     rows = []

@@ -15,9 +15,10 @@ from tqdm import tqdm
 
 from perf import ops
 from perf.accuracy import OP_TOLERANCE, relative_error
+from perf.forcing import forcing_config
 from perf.model_bench import describe_error
 from perf.timing import device_time_us, input_sets_needed
-from sknet_triton import families, planning
+from sknet_triton import families
 from sknet_triton.dtypes import DTYPES
 
 SPLIT_FAMILY = "split_fwd"
@@ -66,7 +67,7 @@ def split_units(grid: SplitGrid, dtype: str, channels_last: bool, batch: int, de
 
 
 def split_candidates(grid: SplitGrid) -> list:
-    default = families.default_config(SPLIT_FAMILY, ops.BRANCHES)
+    default = families.FAMILIES[SPLIT_FAMILY].defaults[ops.BRANCHES]
     return [replace(default, tile_bytes=t, num_warps=w) for t, w in grid.tiles_and_warps]
 
 
@@ -105,7 +106,7 @@ def tune_split(grid: SplitGrid, dtypes, layouts, batch: int, device: torch.devic
                     raise RuntimeError(f"the split kernel does not apply to {grid.model}'s unit {base}")
             timed = []
             for config in split_candidates(grid):
-                with planning.forcing_config(config, SPLIT_FAMILY):
+                with forcing_config(config, SPLIT_FAMILY):
                     try:
                         us = time_us("triton")
                         error = ""
@@ -122,7 +123,7 @@ def tune_split(grid: SplitGrid, dtypes, layouts, batch: int, device: torch.devic
                 set_split_conv(unit, "cudnn")
                 expected = unit(x)
                 set_split_conv(unit, "triton")
-                with planning.forcing_config(best, SPLIT_FAMILY):
+                with forcing_config(best, SPLIT_FAMILY):
                     actual = unit(x)
             error = relative_error([actual], [expected])
             tolerance = OP_TOLERANCE[dtype]

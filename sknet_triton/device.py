@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import warnings
 from typing import Optional
 
 import torch
@@ -51,11 +52,24 @@ if INTERPRETED:
         raise ImportError(f"sknet_triton: {_problem}")
 
 
+# The rule: the device types whose tensors run the kernels. Fixed at import (it depends on nothing else), so
+# TorchScript, which cannot call uses_triton, reads the same answer.
+KERNEL_DEVICE_TYPES = (("cuda", "cpu") if INTERPRETED else ("cuda",)) if TRITON_INSTALLED else ()
+
+_warned_no_triton = False
+
+
 def uses_triton(device: torch.device) -> bool:
-    """Whether tensors on ``device`` run the Triton kernels rather than the plain-PyTorch reference."""
-    if not TRITON_INSTALLED:
-        return False
-    return device.type == "cuda" or (device.type == "cpu" and INTERPRETED)
+    """Whether tensors on ``device`` run the Triton kernels rather than the plain-PyTorch reference. Warns
+    once when CUDA tensors fall back for want of the triton package."""
+    if device.type in KERNEL_DEVICE_TYPES:
+        return True
+    global _warned_no_triton
+    if device.type == "cuda" and not _warned_no_triton:
+        _warned_no_triton = True
+        warnings.warn("sknet_triton: the triton package is not installed; CUDA tensors run the plain-PyTorch "
+                      "reference instead of the fused kernels", RuntimeWarning, stacklevel=3)
+    return False
 
 
 def kernel_path(device: torch.device) -> str:
@@ -63,9 +77,3 @@ def kernel_path(device: torch.device) -> str:
     if not uses_triton(device):
         return "reference"
     return "triton-interpreter" if INTERPRETED else "triton"
-
-
-# The device types whose tensors run the kernels, for TorchScript (which cannot call uses_triton): the rule
-# asked for each device type Triton runs on. Its answer depends only on the device type and on what is
-# fixed at import, so this never disagrees with it.
-KERNEL_DEVICE_TYPES = tuple(t for t in ("cpu", "cuda") if uses_triton(torch.device(t)))

@@ -1,18 +1,10 @@
-"""The fused ops as SKConv calls them, in a form TorchScript compiles and torch.fx records as one call each.
+"""The fused ops as a TorchScript-compiled SKConv calls them.
 
-Eagerly (and under ``torch.compile`` and in a ``torch.fx`` GraphModule, which run Python) :func:`sk_fuse`
-and :func:`sk_select` are :func:`sknet_triton.ops.sk_fuse` and :func:`sknet_triton.ops.sk_select`:
-validated, then dispatched by :func:`sknet_triton.device.uses_triton`. TorchScript cannot compile those, so
-under ``torch.jit.script`` they call the registered custom ops ``torch.ops.sknet_triton.sk_fuse`` /
-``sk_select`` (the Triton kernels) or :mod:`sknet_triton.reference` directly, choosing by
-:data:`KERNEL_DEVICE_TYPES`, which is ``uses_triton`` itself, asked once per device type.
-
-``sknet_triton.layers`` registers both with ``torch.fx.wrap``, so that every torch.fx tracer (timm's and
-torchvision's feature extractors included) records each as a single node.
-
-``torch.jit.trace`` of the kernels' path raises (:func:`refuse_jit_trace`): the trace would hold
-sknet_triton's custom ops, which only run where sknet_triton is imported;
-``sknet_triton.set_backend(model, "torch")`` traces plain PyTorch operations instead.
+TorchScript compiles neither :func:`sknet_triton.ops.sk_fuse` nor :func:`sknet_triton.ops.sk_select`
+(validation, the eager launch), so a scripted unit calls these: the registered custom ops
+``torch.ops.sknet_triton.sk_fuse`` / ``sk_select`` (the Triton kernels) where
+:data:`sknet_triton.device.KERNEL_DEVICE_TYPES` holds the device's type, :mod:`sknet_triton.reference`
+elsewhere. Outside TorchScript they are the ops themselves.
 """
 import sys
 from typing import List, Optional
@@ -20,32 +12,15 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from sknet_triton import ops, reference
-from sknet_triton.device import KERNEL_DEVICE_TYPES, uses_triton
+from sknet_triton import reference
+from sknet_triton.device import KERNEL_DEVICE_TYPES
+from sknet_triton.ops.fuse import sk_fuse as _sk_fuse
+from sknet_triton.ops.select import sk_select as _sk_select
 
-__all__ = ["KERNEL_DEVICE_TYPES", "kernels_run_on", "refuse_jit_trace", "sk_fuse", "sk_select"]
+__all__ = ["sk_fuse", "sk_select"]
 
 # TorchScript reads a module-level constant only as an attribute of a module object.
 _this_module = sys.modules[__name__]
-
-
-def kernels_run_on(t: Tensor) -> bool:
-    """Whether ``t``'s device runs the Triton kernels (:func:`sknet_triton.device.uses_triton`), also in
-    TorchScript."""
-    if torch.jit.is_scripting():
-        return t.device.type in _this_module.KERNEL_DEVICE_TYPES
-    return uses_triton(t.device)
-
-
-def refuse_jit_trace(t: Tensor) -> None:
-    """Raise RuntimeError while ``torch.jit.trace`` records a computation on ``t``'s device that would run the
-    kernels (an SK unit's, or a fused op's in a torch.fx graph)."""
-    if torch.jit.is_tracing() and kernels_run_on(t):
-        raise RuntimeError(
-            "sknet_triton: torch.jit.trace would record the Triton kernels as sknet_triton custom ops, which run "
-            "only where sknet_triton is imported; call sknet_triton.set_backend(model, \"torch\") before tracing "
-            "to trace plain PyTorch operations"
-        )
 
 
 def sk_fuse(
@@ -57,11 +32,10 @@ def sk_fuse(
     Under TorchScript the inputs are not validated (SKConv builds them).
     """
     if torch.jit.is_scripting():
-        if kernels_run_on(branches[0]):
+        if branches[0].device.type in _this_module.KERNEL_DEVICE_TYPES:
             return torch.ops.sknet_triton.sk_fuse(branches, scale, bias, relu)
         return reference.sk_fuse(branches, scale, bias, relu)
-    refuse_jit_trace(branches[0])
-    return ops.sk_fuse(branches, scale, bias, relu)
+    return _sk_fuse(branches, scale, bias, relu)
 
 
 def sk_select(
@@ -77,8 +51,7 @@ def sk_select(
     Under TorchScript the inputs are not validated (SKConv builds them).
     """
     if torch.jit.is_scripting():
-        if kernels_run_on(branches[0]):
+        if branches[0].device.type in _this_module.KERNEL_DEVICE_TYPES:
             return torch.ops.sknet_triton.sk_select(branches, logits, scale, bias, relu)
         return reference.sk_select(branches, logits, scale, bias, relu)
-    refuse_jit_trace(branches[0])
-    return ops.sk_select(branches, logits, scale, bias, relu)
+    return _sk_select(branches, logits, scale, bias, relu)

@@ -5,105 +5,37 @@ Parameter names and state-dict layout are those of timm's ``SelectiveKernel``
 weights load unchanged.
 """
 import enum
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.fx
 from torch import Tensor, nn
 
-from sknet_triton import ops, reference
+from sknet_triton import graph_ops, reference
+from sknet_triton.attention import AttnWidth, SKAttention, attn_channels
+from sknet_triton.checks import check_bool, check_int, is_integer
 from sknet_triton.device import uses_triton
-from sknet_triton.graph_ops import refuse_jit_trace, sk_fuse, sk_select
+from sknet_triton.ops.batchnorm import batchnorm_affine, sk_fuse_bn, sk_select_bn
+from sknet_triton.ops.fuse import sk_fuse
+from sknet_triton.ops.launch import MAX_BRANCHES, refuse_jit_trace
+from sknet_triton.ops.select import sk_select
+from sknet_triton.ops.split import prefers_split_kernel, sk_split, split_geometry_problem
 
-__all__ = [
-    "SKConv", "SKAttention", "ConvBnAct", "UnitPath", "unit_path", "set_backend", "set_split_conv", "make_divisible",
-    "paper_attn_width", "timm_attn_width", "BACKENDS", "SPLIT_CONVS",
-]
+__all__ = ["SKConv", "ConvBnAct", "UnitPath", "set_backend", "set_split_conv", "BACKENDS", "SPLIT_CONVS"]
 
-# "auto": the Triton kernels where sknet_triton.device.uses_triton() says so, the plain-PyTorch reference elsewhere.
+# "auto": the Triton kernels where sknet_triton.device.uses_triton() says so, plain PyTorch elsewhere.
 # "torch": plain PyTorch operations only (TorchScript tracing, ONNX export, any device).
 BACKENDS = ("auto", "torch")
-# How an eval-mode SKConv computes its paths where the split kernel applies (see unit_path):
+# How an eval-mode SKConv computes its paths where the split kernel applies (see SKConv.unit_path):
 # "auto": the split kernel where this GPU's tuned table records it faster than cuDNN for the shape;
 # "triton": always the split kernel; "cudnn": always the paths' own convolutions.
 SPLIT_CONVS = ("auto", "triton", "cudnn")
-
-AttnWidth = Union[None, int, Callable[[int], int]]
-
-
-def _is_integer(value: object) -> bool:
-    """Whether ``value`` is an integer (Python's, NumPy's, ...: anything with ``__index__``) other than a bool."""
-    return not isinstance(value, bool) and hasattr(type(value), "__index__")
-
-
-def check_int(owner: str, name: str, value: object, minimum: int) -> int:
-    """``value`` as an int if it is an integer (not a bool) of at least ``minimum``.
-
-    Raises TypeError for anything but an integer and ValueError below ``minimum``, naming ``owner``'s
-    argument ``name``.
-    """
-    if not _is_integer(value):
-        raise TypeError(f"{owner}: {name} must be an integer, got {type(value).__name__} {value!r}")
-    value = int(value)
-    if value < minimum:
-        least = "a positive integer" if minimum == 1 else f"at least {minimum}"
-        raise ValueError(f"{owner}: {name} must be {least}, got {value}")
-    return value
-
-
-def check_bool(owner: str, name: str, value: object) -> bool:
-    """``value`` if it is a bool; TypeError naming ``owner``'s argument ``name`` otherwise (a truthy
-    string or number would otherwise pass as True)."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{owner}: {name} must be True or False, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _batchnorm_affine(
-    running_mean: Tensor, running_var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
-) -> Tuple[Tensor, Tensor]:
-    """Eval-mode BatchNorm as float32 ``scale`` and ``shift`` [C] (``BN(y) = scale * y + shift``), from its
-    running statistics [C], optional affine weight and bias [C] (any floating dtype) and ``eps``."""
-    scale = torch.rsqrt(running_var.float() + eps)
-    shift = -running_mean.float() * scale
-    if weight is not None and bias is not None:
-        scale = scale * weight.float()
-        shift = shift * weight.float() + bias.float()
-    return scale, shift
-
 
 # One node each in any torch.fx graph of an SKConv. The fused ops' kernels cannot be traced; BatchNorm's
 # statistics become graph inputs (read by an fx tracer, they would be recorded as constants).
 torch.fx.wrap("sk_fuse")
 torch.fx.wrap("sk_select")
-torch.fx.wrap("_batchnorm_affine")
-
-
-def make_divisible(value: float, divisor: int = 8, min_value: Optional[int] = None, round_limit: float = 0.9) -> int:
-    """``value`` rounded to the nearest multiple of ``divisor`` (at least ``min_value``, default ``divisor``),
-    rounded up by one more ``divisor`` if rounding lost more than ``1 - round_limit`` of it."""
-    min_value = min_value or divisor
-    rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
-    if rounded < round_limit * value:
-        rounded += divisor
-    return rounded
-
-
-def paper_attn_width(r: int = 16, L: int = 32) -> Callable[[int], int]:
-    """The paper's attention width, ``d = max(C // r, L)``."""
-    r = check_int("paper_attn_width", "r", r, 1)
-    L = check_int("paper_attn_width", "L", L, 1)
-    return lambda channels: max(channels // r, L)
-
-
-def timm_attn_width(rd_ratio: float = 1 / 16, rd_divisor: int = 8) -> Callable[[int], int]:
-    """timm's attention width, ``make_divisible(C * rd_ratio, rd_divisor)``."""
-    if isinstance(rd_ratio, bool) or not isinstance(rd_ratio, (int, float)):
-        raise TypeError(f"timm_attn_width: rd_ratio must be a number, got {type(rd_ratio).__name__} {rd_ratio!r}")
-    if not rd_ratio > 0:
-        raise ValueError(f"timm_attn_width: rd_ratio must be above 0, got {rd_ratio!r}")
-    rd_divisor = check_int("timm_attn_width", "rd_divisor", rd_divisor, 1)
-    return lambda channels: make_divisible(channels * rd_ratio, rd_divisor)
+torch.fx.wrap("batchnorm_affine")
 
 
 class ConvBnAct(nn.Module):
@@ -136,32 +68,6 @@ class ConvBnAct(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
 
-class SKAttention(nn.Module):
-    """Fuse's squeeze and Select's logits: s [B, C] -> fc_reduce -> BN -> act -> fc_select -> [B, M, C]."""
-
-    def __init__(
-        self,
-        channels: int,
-        num_paths: int,
-        attn_channels: int,
-        norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
-        act_layer: Callable[..., nn.Module] = nn.ReLU,
-    ):
-        super().__init__()
-        self.num_paths = num_paths
-        self.fc_reduce = nn.Conv2d(channels, attn_channels, kernel_size=1, bias=False)
-        self.bn = norm_layer(attn_channels)
-        self.act = act_layer(inplace=True)
-        self.fc_select = nn.Conv2d(attn_channels, channels * num_paths, kernel_size=1, bias=False)
-
-    def forward(self, s: Tensor) -> Tensor:
-        """s: [B, C] (float32 from sk_fuse). Returns logits [B, M, C]."""
-        x = s.to(self.fc_reduce.weight.dtype)[:, :, None, None]
-        x = self.fc_select(self.act(self.bn(self.fc_reduce(x))))
-        # Every size named: an empty batch leaves -1 nothing to infer from.
-        return x.view(x.shape[0], self.num_paths, x.shape[1] // self.num_paths)
-
-
 def _branch_kernels(M: Optional[int], kernel_sizes: Optional[Sequence[int]]) -> list[int]:
     """Each path's kernel size, from ``M`` (3, 5, 7, ...) or ``kernel_sizes``; ValueError if they disagree."""
     if M is not None:
@@ -175,21 +81,9 @@ def _branch_kernels(M: Optional[int], kernel_sizes: Optional[Sequence[int]]) -> 
     if M is not None and M != len(kernel_sizes):
         raise ValueError(f"SKConv: M={M} but {len(kernel_sizes)} kernel sizes {kernel_sizes}")
     for k in kernel_sizes:
-        if not _is_integer(k) or k < 3 or k % 2 == 0:
+        if not is_integer(k) or k < 3 or k % 2 == 0:
             raise ValueError(f"SKConv: kernel sizes must be odd integers >= 3, got {kernel_sizes}")
     return [int(k) for k in kernel_sizes]
-
-
-def _attn_channels(attn_width: AttnWidth, r: int, L: int, channels: int) -> int:
-    """The attention width ``attn_width`` gives for ``channels`` channels, checked to be a positive integer."""
-    if attn_width is None:
-        attn_width = paper_attn_width(r, L)
-    elif not callable(attn_width):
-        return check_int("SKConv", "attn_width", attn_width, 1)
-    width = attn_width(channels)
-    if not _is_integer(width) or width < 1:
-        raise ValueError(f"SKConv: attn_width({channels}) must give a positive integer, got {width!r}")
-    return int(width)
 
 
 class SKConv(nn.Module):
@@ -223,7 +117,7 @@ class SKConv(nn.Module):
     statistics), where the ops run the kernels and every path is exactly BatchNorm2d + ReLU, the kernels
     compute the batch statistics and apply BatchNorm and ReLU as they load the convolution outputs
     (:func:`sknet_triton.ops.sk_fuse_bn`, then :func:`sknet_triton.ops.sk_select_bn`); the running
-    statistics are updated as BatchNorm2d does. :func:`unit_path` decides which of these a call runs.
+    statistics are updated as BatchNorm2d does. :meth:`unit_path` decides which of these a call runs.
     """
 
     def __init__(
@@ -255,8 +149,8 @@ class SKConv(nn.Module):
         split_input = check_bool("SKConv", "split_input", split_input)
         kernels = _branch_kernels(M, kernel_sizes)
         num_paths = len(kernels)
-        if not 2 <= num_paths <= ops.MAX_BRANCHES:
-            raise ValueError(f"SKConv: M must be 2 to {ops.MAX_BRANCHES}, got {num_paths}")
+        if not 2 <= num_paths <= MAX_BRANCHES:
+            raise ValueError(f"SKConv: M must be 2 to {MAX_BRANCHES}, got {num_paths}")
         if split_input and in_channels % num_paths:
             raise ValueError(f"SKConv: split_input needs in_channels ({in_channels}) divisible by M ({num_paths})")
         path_in = in_channels // num_paths if split_input else in_channels
@@ -269,7 +163,7 @@ class SKConv(nn.Module):
             branch_specs = [(3, dilation * (k - 1) // 2) for k in kernels]
         else:
             branch_specs = [(k, dilation) for k in kernels]
-        attn_channels = _attn_channels(attn_width, r, L, out_channels)
+        attn_width = attn_channels("SKConv", attn_width, r, L, out_channels)
 
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -280,16 +174,26 @@ class SKConv(nn.Module):
         self.paths = nn.ModuleList(
             ConvBnAct(path_in, out_channels, k, stride, d, groups, norm_layer, act_layer) for k, d in branch_specs
         )
-        self.attn = SKAttention(out_channels, num_paths, attn_channels, norm_layer, act_layer)
+        self.attn = SKAttention(out_channels, num_paths, attn_width, norm_layer, act_layer)
 
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting():
-            return getattr(self, _FORWARDS[unit_path(self, x)])(x)
+            path = self.unit_path(x)
+            if path is UnitPath.SPLIT_KERNEL:
+                return self._forward_split_kernel(x)
+            if path is UnitPath.BATCH_STATISTICS:
+                return self._forward_batch_statistics(x)
+            if path is UnitPath.FOLDED_BATCHNORM:
+                return self._forward_folded_batchnorm(x)
+            if path is UnitPath.OPS:
+                return self._forward_ops(x)
+            return self._forward_plain_torch(x)
         # TorchScript compiles neither the decision nor the whole-unit kernels: a scripted unit runs its paths,
-        # then the fused ops (or plain PyTorch on the "torch" backend).
+        # then the fused ops as TorchScript calls them (or plain PyTorch on the "torch" backend).
         if self.backend == "torch":
             return self._forward_plain_torch(x)
-        return self._forward_ops(x)
+        branches = self._run_paths(self._path_inputs(x))
+        return graph_ops.sk_select(branches, self.attn(graph_ops.sk_fuse(branches)))
 
     def _forward_plain_torch(self, x: Tensor) -> Tensor:
         """UnitPath.PLAIN_TORCH: the paths, then the reference fuse and select."""
@@ -317,8 +221,8 @@ class SKConv(nn.Module):
         norms = [path.bn for path in self.paths]
         weight = None if norms[0].weight is None else torch.stack([bn.weight for bn in norms])
         bias = None if norms[0].bias is None else torch.stack([bn.bias for bn in norms])
-        s, state = ops.sk_fuse_bn(branches, weight, bias, float(norms[0].eps))
-        out = ops.sk_select_bn(state, self.attn(s))
+        s, state = sk_fuse_bn(branches, weight, bias, float(norms[0].eps))
+        out = sk_select_bn(state, self.attn(s))
         B, _, H, W = branches[0].shape
         for m, bn in enumerate(norms):
             if bn.training and bn.track_running_stats and bn.running_mean is not None:
@@ -331,8 +235,34 @@ class SKConv(nn.Module):
         dtype = self._split_dtype(x)
         weight = torch.stack([path.conv.weight for path in self.paths]).to(dtype)
         scale, bias = self._folded_batchnorm()
-        branches, s = ops.sk_split(x.to(dtype), weight, scale, bias, self.paths[0].conv.stride[0], self.split_input)
-        return ops.sk_select(branches, self.attn(s))
+        branches, s = sk_split(x.to(dtype), weight, scale, bias, self.paths[0].conv.stride[0], self.split_input)
+        return sk_select(branches, self.attn(s))
+
+    def unit_path(self, x: Tensor) -> "UnitPath":
+        """How this unit runs on ``x`` [B, C_in, H, W] (any dtype; a torch.fx Proxy while fx traces) in the
+        current mode: the one decision of :meth:`forward` outside TorchScript.
+
+        - the "torch" backend: plain PyTorch, always.
+        - torch.fx tracing: the fused ops, one graph node each, with BatchNorm folded where it folds when
+          traced; the whole-unit kernels run only eagerly and under torch.compile.
+        - torch.jit.trace: refused (RuntimeError) on the kernels' device, whose custom ops a trace would hold;
+          plain PyTorch elsewhere, whatever the grad mode (the trace's check reruns it without grad).
+        - a device that does not run the kernels: plain PyTorch, the operations of timm's module.
+        - on the kernels' device (:func:`sknet_triton.device.uses_triton`): the split kernel where it applies,
+          else BatchNorm with batch statistics inside the kernels where the paths allow it, else eval-mode
+          BatchNorm folded into the fused ops where it folds, else the paths whole and the ops.
+        """
+        if self.backend == "torch":
+            return UnitPath.PLAIN_TORCH
+        if not isinstance(x, torch.fx.Proxy):
+            if not uses_triton(x.device):
+                return UnitPath.PLAIN_TORCH
+            refuse_jit_trace()
+            if self._split_kernel_fits(x):
+                return UnitPath.SPLIT_KERNEL
+            if self._normalises_with_batch_statistics():
+                return UnitPath.BATCH_STATISTICS
+        return UnitPath.FOLDED_BATCHNORM if self._folds_batchnorm() else UnitPath.OPS
 
     def _path_inputs(self, x: Tensor) -> List[Tensor]:
         """Each path's input: its channel slice of ``x`` with ``split_input``, else ``x`` itself."""
@@ -365,8 +295,8 @@ class SKConv(nn.Module):
 
     def split_kernel_applies(self, x: Tensor) -> bool:
         """Whether this call, on ``x`` [B, C_in, H, W] in the current mode, runs the split kernel
-        (``sknet_triton.sk_split``): :func:`unit_path` asked."""
-        return unit_path(self, x) is UnitPath.SPLIT_KERNEL
+        (``sknet_triton.sk_split``): :meth:`unit_path` asked."""
+        return self.unit_path(x) is UnitPath.SPLIT_KERNEL
 
     def _split_kernel_fits(self, x: Tensor) -> bool:
         """Whether the split kernel (``sknet_triton.sk_split``) can replace this call's paths, on the kernels'
@@ -382,13 +312,13 @@ class SKConv(nn.Module):
         if any(conv.bias is not None or conv.padding_mode != "zeros" for conv in convs):
             return False
         geometry = [[conv.kernel_size, conv.stride, conv.dilation, conv.padding] for conv in convs]
-        if ops.split_geometry_problem(*zip(*geometry)) is not None:
+        if split_geometry_problem(*zip(*geometry)) is not None:
             return False
         if self.split_conv == "triton":
             return True
         stride = convs[0].stride[0]
         positions = ((x.shape[2] - 1) // stride + 1) * ((x.shape[3] - 1) // stride + 1)
-        return ops.prefers_split_kernel(
+        return prefers_split_kernel(
             x.device, self._split_dtype(x), x.is_contiguous(memory_format=torch.channels_last), self.num_paths,
             self.out_channels, positions,
         )
@@ -417,7 +347,7 @@ class SKConv(nn.Module):
         scales, biases = [], []
         for path in self.paths:
             bn = path.bn
-            scale, bias = _batchnorm_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+            scale, bias = batchnorm_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
             scales.append(scale)
             biases.append(bias)
         return torch.stack(scales), torch.stack(biases)
@@ -430,50 +360,13 @@ class SKConv(nn.Module):
 
 
 class UnitPath(enum.Enum):
-    """How one call of an SKConv runs; :func:`unit_path` chooses."""
+    """How one call of an SKConv runs; :meth:`SKConv.unit_path` chooses."""
 
     PLAIN_TORCH = "plain PyTorch"  # the paths, then the reference fuse and select
     SPLIT_KERNEL = "split kernel"  # sk_split (convolutions, eval-mode BatchNorm, ReLU, fuse), attention, sk_select
     BATCH_STATISTICS = "batch statistics"  # the convolutions, sk_fuse_bn, attention, sk_select_bn
     FOLDED_BATCHNORM = "folded BatchNorm"  # the convolutions, sk_fuse and sk_select with the eval-mode prologue
     OPS = "ops"  # the paths whole, then sk_fuse and sk_select
-
-
-# The SKConv method that runs each path.
-_FORWARDS = {
-    UnitPath.PLAIN_TORCH: "_forward_plain_torch",
-    UnitPath.SPLIT_KERNEL: "_forward_split_kernel",
-    UnitPath.BATCH_STATISTICS: "_forward_batch_statistics",
-    UnitPath.FOLDED_BATCHNORM: "_forward_folded_batchnorm",
-    UnitPath.OPS: "_forward_ops",
-}
-
-
-def unit_path(unit: SKConv, x: Tensor) -> UnitPath:
-    """How ``unit`` runs on ``x`` [B, C_in, H, W] (any dtype; a torch.fx Proxy while fx traces) in the current
-    mode: the one decision of :meth:`SKConv.forward` outside TorchScript.
-
-    - the "torch" backend: plain PyTorch, always.
-    - torch.fx tracing: the fused ops, one graph node each, with BatchNorm folded where it folds when
-      traced; the whole-unit kernels run only eagerly and under torch.compile.
-    - torch.jit.trace: refused (RuntimeError) on the kernels' device, whose custom ops a trace would hold;
-      plain PyTorch elsewhere, whatever the grad mode (the trace's check reruns it without grad).
-    - on the kernels' device (:func:`sknet_triton.device.uses_triton`): the split kernel where it applies,
-      else BatchNorm with batch statistics inside the kernels where the paths allow it;
-    - then eval-mode BatchNorm folded into the fused ops where it folds, else the paths whole and the ops.
-    """
-    if unit.backend == "torch":
-        return UnitPath.PLAIN_TORCH
-    if not isinstance(x, torch.fx.Proxy):
-        if torch.jit.is_tracing():
-            refuse_jit_trace(x)
-            return UnitPath.PLAIN_TORCH
-        if uses_triton(x.device):
-            if unit._split_kernel_fits(x):
-                return UnitPath.SPLIT_KERNEL
-            if unit._normalises_with_batch_statistics():
-                return UnitPath.BATCH_STATISTICS
-    return UnitPath.FOLDED_BATCHNORM if unit._folds_batchnorm() else UnitPath.OPS
 
 
 def _affine_kind(bn: nn.BatchNorm2d) -> tuple:

@@ -1,19 +1,17 @@
-"""Planning one launch: which configuration (the tuned table of the device's architecture, the family's
-default, or one forced by perf/tune.py), its launch options as the device's chip takes them
-(:mod:`sknet_triton.targets`), and how the work is cut into programs."""
+"""Planning one launch: which configuration (the tuned table of the device's architecture, else the
+family's default), its launch options as the device's chip takes them (:mod:`sknet_triton.targets`), and how
+the work is cut into programs. A family is the :class:`sknet_triton.ops.launch.Family` declared beside its op."""
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Sequence
 
 import torch
 
 from sknet_triton import targets, tuned
 from sknet_triton.dtypes import DTYPE_NAMES
-from sknet_triton.families import default_config
 from sknet_triton.tiles import split_block_p, split_blocks, tile_shape
 from sknet_triton.tuned import Config, TunedEntry
 
@@ -21,47 +19,23 @@ from sknet_triton.tuned import Config, TunedEntry
 # tests cover the chunked reductions).
 CPU_MIN_PROGRAMS = 4
 
-# Set by :func:`forcing_config`: (the family it applies to, None for every family; the configuration).
-_forced: Optional[tuple[Optional[str], Config]] = None
-
-
-@contextlib.contextmanager
-def forcing_config(config: Config, family: Optional[str] = None) -> Iterator[None]:
-    """Launch ``family``'s kernels (every family's, by default) with ``config`` inside the block, whatever
-    the tables say (perf/tune.py times its candidates this way).
-
-    :func:`plan` and :func:`split_plan` are cached, so their caches are emptied on entry and on exit: plans made inside the block
-    never leak out of it. Compiled graphs (``torch.compile``) keep the plans they were traced with.
-    """
-    global _forced
-    previous, _forced = _forced, (family, config)
-    clear_plans()
-    try:
-        yield
-    finally:
-        _forced = previous
-        clear_plans()
-
 
 def clear_plans() -> None:
-    """Forget every cached plan (after a change to what they depend on: a forced configuration, the
-    tables, the device's program count)."""
+    """Forget every cached plan (after a change to what they depend on: the tables, the device's program
+    count)."""
     plan.cache_clear()
     split_plan.cache_clear()
 
 
 def choose_config(
-    table: Sequence[TunedEntry], family: str, dtype: torch.dtype, channels_last: bool, M: int, B: int, C: int, HW: int
+    table: Sequence[TunedEntry], family, dtype: torch.dtype, channels_last: bool, M: int, B: int, C: int, HW: int
 ) -> Config:
-    """The configuration measured for the nearest problem of the same kind (family, dtype, layout, M), by
-    distance in log B, log C, log H*W; the default where the table has none of that kind; the forced one
-    inside :func:`forcing_config`."""
-    if _forced is not None and _forced[0] in (None, family):
-        return _forced[1]
+    """The configuration measured for the nearest problem of the same kind (``family``, dtype, layout, M), by
+    distance in log B, log C, log H*W; the family's default where the table has none of that kind."""
     name = DTYPE_NAMES[dtype]
-    kind = [e for e in table if (e.family, e.dtype, e.channels_last, e.M) == (family, name, channels_last, M)]
+    kind = [e for e in table if (e.family, e.dtype, e.channels_last, e.M) == (family.name, name, channels_last, M)]
     if not kind:
-        return default_config(family, M)
+        return family.defaults[M]
 
     def distance(e: TunedEntry) -> float:
         return sum(abs(math.log(a / b)) for a, b in ((e.B, max(B, 1)), (e.C, C), (e.HW, HW)))
@@ -69,7 +43,7 @@ def choose_config(
     return min(kind, key=distance).config
 
 
-def device_config(family: str, device: torch.device, dtype: torch.dtype, channels_last: bool, M: int, B: int, C: int,
+def device_config(family, device: torch.device, dtype: torch.dtype, channels_last: bool, M: int, B: int, C: int,
                   HW: int) -> Config:
     """:func:`choose_config` from the tuned table of ``device``'s architecture."""
     return choose_config(tuned.tuned_table(tuned.arch_name(device)), family, dtype, channels_last, M, B, C, HW)
@@ -83,10 +57,11 @@ def launch_options(config: Config, device: torch.device) -> dict:
     return config.options() if arch is None else targets.target(arch).launch_options(config.options())
 
 
-def reachable_configs(family: str, M: int) -> set[Config]:
+def reachable_configs(family, M: int) -> set[Config]:
     """The configurations :func:`plan` can choose for ``family`` and M: the default and every tuned one."""
-    tuned_configs = {e.config for table in tuned.tuned_tables().values() for e in table if (e.family, e.M) == (family, M)}
-    return {default_config(family, M)} | tuned_configs
+    tuned_configs = {e.config for table in tuned.tuned_tables().values() for e in table
+                     if (e.family, e.M) == (family.name, M)}
+    return {family.defaults[M]} | tuned_configs
 
 
 @dataclass(frozen=True)
@@ -110,7 +85,7 @@ def min_programs(device: torch.device, config: Config) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def plan(
-    family: str, B: int, C: int, HW: int, M: int, dtype: torch.dtype, channels_last: bool,
+    family, B: int, C: int, HW: int, M: int, dtype: torch.dtype, channels_last: bool,
     device: torch.device, deterministic: bool = False,
 ) -> Plan:
     """Cut [B, C, HW] into tiles and the H*W axis into as few chunks as fill the device.
@@ -148,13 +123,13 @@ class SplitPlan(Plan):
 
 @functools.lru_cache(maxsize=1024)
 def split_plan(
-    B: int, C: int, HW: int, M: int, group_in: int, group_out: int, dtype: torch.dtype, channels_last: bool,
+    family, B: int, C: int, HW: int, M: int, group_in: int, group_out: int, dtype: torch.dtype, channels_last: bool,
     device: torch.device, deterministic: bool = False,
 ) -> SplitPlan:
     """Cut the split kernel's [B, C, HW] output (HW output positions, groups of ``group_in`` input and
     ``group_out`` output channels) into tiles and chunks, as :func:`plan` does for the other kernels. A
     tl.dot channel block never straddles a group."""
-    config = device_config("split_fwd", device, dtype, channels_last, M, B, C, HW)
+    config = device_config(family, device, dtype, channels_last, M, B, C, HW)
     use_dot, block_c, block_k = split_blocks(channels_last, group_in, group_out)
     num_c_blocks = (C // group_out) * math.ceil(group_out / block_c) if use_dot else math.ceil(C / block_c)
     block_p = split_block_p(config, block_c)

@@ -84,7 +84,7 @@ def write_table(path: Path, arch: str, stamp: dict, entries: list[TunedEntry]) -
 # Every table in TUNED_DIR, by architecture, and the output positions where each records the split kernel
 # faster, keyed (dtype name, channels_last, M, C). Read once, at import: the tables are fixed for the process,
 # and torch.compile traces SKConv's split decision as plain dict lookups, with no file opened in a traced forward.
-TABLES: dict[str, tuple[TunedEntry, ...]] = {}
+TABLES: dict[Optional[str], tuple[TunedEntry, ...]] = {}
 SPLIT_FASTER: dict[str, dict[tuple[str, bool, int, int], tuple[int, ...]]] = {}
 
 
@@ -104,8 +104,9 @@ def load_tables(directory: Optional[Path] = None) -> None:
 
 
 def tuned_table(arch: Optional[str]) -> tuple[TunedEntry, ...]:
-    """The tuned table for ``arch``; empty where none was written."""
-    return TABLES.get(arch, ()) if arch else ()
+    """The tuned table for ``arch`` (None: the CPU's interpreter, which has none unless a tool sets one);
+    empty where none was written."""
+    return TABLES.get(arch, ())
 
 
 def tuned_tables() -> dict[str, tuple[TunedEntry, ...]]:

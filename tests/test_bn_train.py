@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sknet_triton import SKConv, create_model, device, ops, planning, reference, set_backend
-from sknet_triton.layers import UnitPath, unit_path
+from sknet_triton.families import FAMILIES
+from sknet_triton.layers import UnitPath
 from tests.helpers import DEVICE, requires_kernels
 from tests.model_helpers import TRAINING_BATCH, assert_close_relative, assert_grads_as_accurate_as, randomize_batchnorm
 from tests.ops_inputs import as_float64, assert_close, make_branches, poisoned_allocations
@@ -176,7 +177,7 @@ def test_many_splits(min_programs, monkeypatch):
     # Per-program statistics of unequal chunks (the last holds one position) combine into the batch's, and
     # every chunk's share of dlogits and of BatchNorm's sums adds up.
     shape, M = (2, 8, 9, 9), 2
-    p = planning.plan("bn_stats", 2, 8, 81, M, torch.float32, False, DEVICE)
+    p = planning.plan(FAMILIES["bn_stats"], 2, 8, 81, M, torch.float32, False, DEVICE)
     assert p.num_splits > 4 and 81 % p.chunk == 1
     branches = make_branches(shape, M, torch.float32, channels_last=False, stacked=False)
     weight, bias = make_affine(M, shape[1], affine=True)
@@ -187,7 +188,7 @@ def test_many_splits(min_programs, monkeypatch):
 @pytest.mark.parametrize("stacked", [False, True], ids=["list", "stacked"])
 def test_empty_batch(path, stacked, monkeypatch):
     if path == "reference":
-        monkeypatch.setattr(device, "INTERPRETED", False)
+        monkeypatch.setattr(device, "KERNEL_DEVICE_TYPES", ("cuda",))  # the rule without the interpreter
     where = DEVICE if path == "kernels" else torch.device("cpu")
     M, C = 3, 6
     branches = make_branches((0, C, 3, 4), M, torch.float32, True, stacked)
@@ -313,7 +314,7 @@ def test_other_norm_layers_stay_separate_ops(fused_calls):
     assert fused_calls == []
     synced = nn.SyncBatchNorm.convert_sync_batchnorm(sk_unit()[0]).train()
     assert type(synced.paths[0].bn) is nn.SyncBatchNorm
-    assert unit_path(synced.to(DEVICE), x) is UnitPath.OPS
+    assert synced.to(DEVICE).unit_path(x) is UnitPath.OPS
 
 
 def test_backward_keeps_no_normalised_branch():
@@ -373,9 +374,9 @@ TRACE_SCRIPT = textwrap.dedent('''
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch._functorch.aot_autograd import aot_function
     from functorch.compile import make_boxed_func
-    from sknet_triton import launch, planning, tuned
+    from sknet_triton import planning, tuned
 
-    assert not launch.INTERPRETED
+    assert not device.INTERPRETED
     tuned.arch_name = lambda device: "sm_90"  # no GPU here to ask: an H100's
     planning.min_programs = lambda device, config: 132 * config.programs_per_sm
     T = torch.ops.sknet_triton

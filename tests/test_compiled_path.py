@@ -20,9 +20,9 @@ SCRIPT = textwrap.dedent('''
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch._functorch.aot_autograd import aot_function
     from functorch.compile import make_boxed_func
-    from sknet_triton import launch, ops, planning, tuned
+    from sknet_triton import device, ops, planning, tuned
 
-    assert not launch.INTERPRETED
+    assert not device.INTERPRETED
     # No GPU here to ask: an H100's capability and SM count.
     tuned.arch_name = lambda device: "sm_90"
     planning.min_programs = lambda device, config: 132 * config.programs_per_sm
@@ -77,7 +77,9 @@ REGISTER_CAP_SCRIPT = textwrap.dedent('''
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch._functorch.aot_autograd import aot_function
     from functorch.compile import make_boxed_func
-    from sknet_triton import families, launch, planning, tuned
+    from sknet_triton import families, planning, tuned
+    from sknet_triton.ops.batchnorm import batch_norm_statistics
+    from sknet_triton.ops.split import split_forward
 
     tuned.arch_name = lambda device: "sm_90"  # no GPU here to ask: an H100's
     planning.min_programs = lambda device, config: 132 * config.programs_per_sm
@@ -88,8 +90,8 @@ REGISTER_CAP_SCRIPT = textwrap.dedent('''
         return make_boxed_func(gm.forward)
 
     def capped_launches(u0, u1, x, weight, scale, bias):
-        mean, var = launch.batch_norm_statistics([u0, u1])
-        branches, s = launch.split_forward(x, weight, scale, bias, 1, False)
+        mean, var = batch_norm_statistics([u0, u1])
+        branches, s = split_forward(x, weight, scale, bias, 1, False)
         return mean, var, branches, s
 
     with FakeTensorMode():

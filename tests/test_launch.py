@@ -10,9 +10,12 @@ import torch
 
 from perf.accuracy import relative_error
 from perf.aot import Specialization, signature, specializations
-from sknet_triton import launch, planning, targets, tuned
+from perf.examples import EXAMPLES, Problem, flatten, problem_inputs
+from perf.recording import recording
+from sknet_triton import planning, targets, tuned
 from sknet_triton.device import uses_triton
-from sknet_triton.families import FAMILIES, FORWARD_DEFAULT, Problem, flatten, problem_inputs
+from sknet_triton.families import FAMILIES
+from sknet_triton.ops.launch import FORWARD_DEFAULT
 from tests.helpers import DEVICE, requires_kernels
 from tests.ops_inputs import poisoned_allocations
 
@@ -22,12 +25,12 @@ SHAPES = [(2, 24, 9, 11), (1, 130, 5, 7), (3, 16, 32, 32), (1, 1, 1, 1)]
 
 
 def recorded_launches(family, shape, M, dtype, channels_last, stacked):
-    """What ``family``'s launcher launches (recorded, not run) for every call its registry entry lists on
+    """What ``family``'s launcher launches (recorded, not run) for every call its examples list on
     one problem (for the split: input and output of the branches' shape, every group width and stride)."""
     inputs = problem_inputs(family, Problem(*shape, M, dtype, channels_last, stacked), DEVICE, seed=0)
-    with launch.recording() as launches:
-        for call in FAMILIES[family].calls(inputs):
-            launch.launcher(family)(*call)
+    with recording() as launches:
+        for call in EXAMPLES[family].calls(inputs):
+            call()
     assert {recorded.family for recorded in launches} <= {family}, "a launcher launches its family's kernel alone"
     return launches
 
@@ -56,17 +59,21 @@ def test_every_launch_is_a_compiled_specialization(dtype, compiled_keys):
     assert launched == set(FAMILIES)
 
 
+def test_the_examples_cover_every_family():
+    assert set(EXAMPLES) == set(FAMILIES)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_each_entry_calls_its_launcher_as_its_reference_says(family, monkeypatch):
+def test_each_tuned_call_matches_its_oracle(family, monkeypatch):
     """A family's tuned call (what perf/tune.py times and checks) against the entry's float64 oracle, on
     fresh inputs, with outputs poisoned before the kernel writes them: the tuner's check can fail."""
     problem = Problem(2, 24, 5, 7, 2, torch.float32, True)
     inputs = problem_inputs(family, problem, DEVICE, seed=3)
     with poisoned_allocations(monkeypatch):
-        actual = flatten(launch.launcher(family)(*FAMILIES[family].calls(inputs)[0]))
-    assert relative_error(actual, FAMILIES[family].reference(inputs)) < 1e-5
+        actual = flatten(EXAMPLES[family].calls(inputs)[0]())
+    assert relative_error(actual, EXAMPLES[family].reference(inputs)) < 1e-5
     # Another problem's oracle is orders of magnitude further.
-    other = FAMILIES[family].reference(problem_inputs(family, problem, DEVICE, seed=4))
+    other = EXAMPLES[family].reference(problem_inputs(family, problem, DEVICE, seed=4))
     assert relative_error(actual, other) > 1e-1
 
 
@@ -96,13 +103,13 @@ def tuned_sm_99(tmp_path, monkeypatch):
 def test_a_tuned_table_picks_the_nearest_problem_of_the_same_kind(tuned_sm_99):
     small, large = tuned_sm_99
     table = tuned.tuned_table("sm_99")
-    assert planning.choose_config(table, "select_fwd", torch.float32, True, 2, 8, 24, 100) == small
-    assert planning.choose_config(table, "select_fwd", torch.float32, True, 2, 64, 256, 784) == large
+    assert planning.choose_config(table, FAMILIES["select_fwd"], torch.float32, True, 2, 8, 24, 100) == small
+    assert planning.choose_config(table, FAMILIES["select_fwd"], torch.float32, True, 2, 64, 256, 784) == large
     # Another family, dtype, layout or M: the defaults.
-    assert planning.choose_config(table, "fuse_fwd", torch.float32, True, 2, 8, 16, 64) == FORWARD_DEFAULT
-    assert planning.choose_config(table, "select_fwd", torch.bfloat16, True, 2, 8, 16, 64) == FORWARD_DEFAULT
-    assert planning.choose_config(table, "select_fwd", torch.float32, False, 2, 8, 16, 64) == FORWARD_DEFAULT
-    assert planning.choose_config(table, "select_fwd", torch.float32, True, 3, 8, 16, 64) == FORWARD_DEFAULT
+    assert planning.choose_config(table, FAMILIES["fuse_fwd"], torch.float32, True, 2, 8, 16, 64) == FORWARD_DEFAULT
+    assert planning.choose_config(table, FAMILIES["select_fwd"], torch.bfloat16, True, 2, 8, 16, 64) == FORWARD_DEFAULT
+    assert planning.choose_config(table, FAMILIES["select_fwd"], torch.float32, False, 2, 8, 16, 64) == FORWARD_DEFAULT
+    assert planning.choose_config(table, FAMILIES["select_fwd"], torch.float32, True, 3, 8, 16, 64) == FORWARD_DEFAULT
 
 
 def test_tuned_configurations_are_launched_and_compiled(tuned_sm_99):
@@ -111,7 +118,7 @@ def test_tuned_configurations_are_launched_and_compiled(tuned_sm_99):
                 if not r.constexprs["AFFINE"] and not r.constexprs["RELU"]]
     assert select.options == dict(num_warps=small.num_warps, num_stages=small.num_stages)
     assert select.constexprs["BLOCK_C"] * select.constexprs["BLOCK_HW"] == small.tile_bytes // 4
-    assert small in planning.reachable_configs("select_fwd", 2)
+    assert small in planning.reachable_configs(FAMILIES["select_fwd"], 2)
     compiled = {key(s.family, s.args, s.constexprs, s.options) for s in specializations((torch.float32,))}
     assert key(select.family, select.args, select.constexprs, select.options) in compiled
 
@@ -183,17 +190,17 @@ def test_an_amd_table_is_launched_as_the_chip_takes_it(tuned_gfx942, monkeypatch
     """gfx942's table steers its launches, as 64-thread wavefronts within a workgroup's 1024 threads and
     without ptxas's register budget, and the kernels still compute the select (through the interpreter)."""
     assert tuned.tuned_tables()["gfx942"][0].config == tuned_gfx942
-    assert tuned_gfx942 in planning.reachable_configs("select_fwd", 2)
+    assert tuned_gfx942 in planning.reachable_configs(FAMILIES["select_fwd"], 2)
     problem = Problem(2, 24, 9, 11, 2, torch.float32, True)
     inputs = problem_inputs("select_fwd", problem, DEVICE, seed=5)
-    with launch.recording() as launches:
-        launch.launcher("select_fwd")(*FAMILIES["select_fwd"].calls(inputs)[0])
+    with recording() as launches:
+        EXAMPLES["select_fwd"].calls(inputs)[0]()
     assert [r.options for r in launches] == [dict(num_warps=16, num_stages=2)]
     # The defaults' 8 warps of 32 threads: 4 wavefronts of 64.
     assert planning.launch_options(FORWARD_DEFAULT, DEVICE) == dict(num_warps=4, num_stages=FORWARD_DEFAULT.num_stages)
     with poisoned_allocations(monkeypatch):
-        actual = flatten(launch.launcher("select_fwd")(*FAMILIES["select_fwd"].calls(inputs)[0]))
-    assert relative_error(actual, FAMILIES["select_fwd"].reference(inputs)) < 1e-5
+        actual = flatten(EXAMPLES["select_fwd"].calls(inputs)[0]())
+    assert relative_error(actual, EXAMPLES["select_fwd"].reference(inputs)) < 1e-5
     # The same entry on an NVIDIA chip keeps its warps and budget.
     monkeypatch.setattr(tuned, "arch_name", lambda device: "sm_120")
     assert planning.launch_options(tuned_gfx942, DEVICE) == tuned_gfx942.options()

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from sknet_triton import layout, ops, planning
+from sknet_triton.families import FAMILIES
+from sknet_triton.ops import launch
 from tests.helpers import DEVICE, requires_kernels
 from tests.ops_inputs import (
     PROLOGUES,
@@ -137,7 +139,7 @@ def test_many_splits(prologue, min_programs, monkeypatch):
     min_programs(64)
     # Every chunk adds its share of s and of dlogits atomically: the shares must add up.
     shape = (1, 8, 24, 24)
-    p = planning.plan("select_bwd", 1, 8, 24 * 24, 2, torch.float32, True, DEVICE)
+    p = planning.plan(FAMILIES["select_bwd"], 1, 8, 24 * 24, 2, torch.float32, True, DEVICE)
     assert p.num_splits > 4
     scale, bias, relu = make_prologue(prologue, 2, shape[1])
     branches = make_branches(shape, 2, torch.float32, True, stacked=False)
@@ -147,7 +149,7 @@ def test_many_splits(prologue, min_programs, monkeypatch):
 def test_deterministic_algorithms_give_one_chunk_and_repeatable_results(min_programs):
     min_programs(64)
     shape = (1, 8, 24, 24)
-    assert planning.plan("fuse_fwd", 1, 8, 24 * 24, 2, torch.float32, True, DEVICE, deterministic=True).num_splits == 1
+    assert planning.plan(FAMILIES["fuse_fwd"], 1, 8, 24 * 24, 2, torch.float32, True, DEVICE, deterministic=True).num_splits == 1
     branches = make_branches(shape, 2, torch.float32, True, stacked=False)
     logits = make_logits(1, 2, 8)
     torch.use_deterministic_algorithms(True)
@@ -218,21 +220,32 @@ def test_backward_keeps_only_what_it_needs():
     assert sorted(saved) == sorted([(2, 8, 4, 4)] * 2 + [(2, 2, 8)]), f"sk_select saved {saved}"
 
 
-def test_inference_calls_launch_directly_and_match(monkeypatch):
-    # Without grad mode, eager calls skip the operator (whose body checks the device first) and launch
-    # the same kernels; with it, they go through the operator.
-    through_operator = []
-    require = ops._require_kernels
-    monkeypatch.setattr(ops, "_require_kernels", lambda t: through_operator.append(t) or require(t))
-    branches = make_branches((2, 12, 5, 6), 2, torch.float32, True, stacked=False)
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_eager_calls_skip_the_operator_and_match_it(grad, monkeypatch):
+    # Eager calls on plain tensors launch directly (under an autograd.Function where autograd records them);
+    # traced calls go through the registered operator. Both run the same launchers and agree.
+    branches = [b.requires_grad_(grad) for b in make_branches((2, 12, 5, 6), 2, torch.float32, True, stacked=False)]
     scale, bias, relu = make_prologue("affine_relu", 2, 12)
-    logits = make_logits(2, 2, 12)
+    logits = make_logits(2, 2, 12).requires_grad_(grad)
     s_expected, out_expected, _ = oracle(branches, logits, scale, bias, relu)
-    with torch.no_grad(), poisoned_allocations(monkeypatch):
-        s, out = ops.sk_fuse(branches, scale, bias, relu), ops.sk_select(branches, logits, scale, bias, relu)
-    assert through_operator == []
-    assert_close(s, s_expected, torch.float32, "sk_fuse")
-    assert_close(out, out_expected, torch.float32, "sk_select")
-    assert out.is_contiguous(memory_format=torch.channels_last)
-    ops.sk_fuse(branches, scale.detach(), bias.detach(), relu)
-    assert len(through_operator) == 1
+
+    def run():
+        with poisoned_allocations(monkeypatch):
+            s, out = ops.sk_fuse(branches, scale, bias, relu), ops.sk_select(branches, logits, scale, bias, relu)
+        assert_close(s, s_expected, torch.float32, "sk_fuse")
+        assert_close(out, out_expected, torch.float32, "sk_select")
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        if not grad:
+            return [s.grad_fn, out.grad_fn], []
+        loss = s.sum() + out.square().sum()
+        return [s.grad_fn.name(), out.grad_fn.name()], torch.autograd.grad(loss, branches + [logits])
+
+    eager, eager_grads = run()
+    monkeypatch.setattr(launch, "runs_eagerly", lambda t: False)
+    through_operator, operator_grads = run()
+    if grad:
+        assert all("_Eager" in name for name in eager) and all("sknet_triton" in name for name in through_operator)
+    else:
+        assert eager == through_operator == [None, None]
+    for eager_grad, operator_grad in zip(eager_grads, operator_grads, strict=True):
+        torch.testing.assert_close(eager_grad, operator_grad, rtol=1e-5, atol=1e-6)

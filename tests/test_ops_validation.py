@@ -6,7 +6,8 @@ import warnings
 import pytest
 import torch
 
-from sknet_triton import device, families, graph_ops, launch, ops, reference
+from sknet_triton import device, families, graph_ops, ops, reference
+from sknet_triton.ops import launch
 
 
 def good(B=2, M=2, C=6, H=3, W=4, dtype=torch.float32):
@@ -70,8 +71,7 @@ def no_kernel_launches(monkeypatch):
     def launched(*args, **kwargs):
         raise AssertionError("a kernel was launched before the input was rejected")
 
-    for name in ("fuse_forward", "fuse_relu_backward", "select_forward", "select_backward", "batch_norm_train_forward"):
-        monkeypatch.setattr(launch, name, launched)
+    monkeypatch.setattr(launch, "start", launched)  # every launch goes through it
 
 
 @pytest.mark.parametrize("case", list(cases()))
@@ -103,7 +103,7 @@ def test_one_device_rule():
 
 
 def test_cpu_tensors_without_interpreter_use_the_reference(monkeypatch, no_kernel_launches):
-    monkeypatch.setattr(device, "INTERPRETED", False)
+    monkeypatch.setattr(device, "KERNEL_DEVICE_TYPES", ("cuda",))  # the rule without the interpreter
     assert ops.kernel_path(torch.device("cpu")) == "reference"
     branches = [torch.randn(2, 6, 3, 3, requires_grad=True) for _ in range(3)]
     logits = torch.randn(2, 3, 6, requires_grad=True)
@@ -119,15 +119,14 @@ def test_cpu_tensors_without_interpreter_use_the_reference(monkeypatch, no_kerne
 
 
 def test_cuda_without_the_triton_package_falls_back_and_says_so_once(monkeypatch):
-    monkeypatch.setattr(device, "TRITON_INSTALLED", False)
-    monkeypatch.setattr(ops, "launch", None)
-    monkeypatch.setattr(ops, "_warned_no_triton", False)
+    monkeypatch.setattr(device, "KERNEL_DEVICE_TYPES", ())  # the rule without the triton package
+    monkeypatch.setattr(device, "_warned_no_triton", False)
     cuda = torch.device("cuda")
     with pytest.warns(RuntimeWarning, match="triton package is not installed"):
-        assert not ops._dispatch_to_kernels(cuda)
+        assert not device.uses_triton(cuda)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert not ops._dispatch_to_kernels(cuda)
+        assert not device.uses_triton(cuda)
     assert ops.kernel_path(cuda) == "reference"
 
 

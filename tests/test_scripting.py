@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from sknet_triton import SKConv, accelerate, create_model, graph_ops, list_models, ops, set_backend
-from sknet_triton.layers import _batchnorm_affine
+from sknet_triton import SKConv, accelerate, create_model, list_models, ops, set_backend
+from sknet_triton.ops.batchnorm import batchnorm_affine
+from sknet_triton.ops.fuse import sk_fuse
+from sknet_triton.ops.select import sk_select
 from tests.helpers import DEVICE, requires_kernels
 from tests.model_helpers import (
     NUM_CLASSES,
@@ -83,8 +85,8 @@ def assert_one_node_per_op(graph_module, model) -> None:
     """On the "auto" backend, each SK unit's fuse and select are one call each in the fx graph."""
     targets = [node.target for node in graph_module.graph.nodes if node.op == "call_function"]
     units = count_skconvs(model) if uses_auto(model) else 0
-    assert targets.count(graph_ops.sk_fuse) == units
-    assert targets.count(graph_ops.sk_select) == units
+    assert targets.count(sk_fuse) == units
+    assert targets.count(sk_select) == units
 
 
 def uses_auto(model) -> bool:
@@ -172,7 +174,7 @@ def test_auto_backend_fx_graphs(case):
     assert_one_node_per_op(folded, model)
     targets = [node.target for node in folded.graph.nodes if node.op == "call_function"]
     paths = sum(module.num_paths for module in model.modules() if isinstance(module, SKConv))
-    assert targets.count(_batchnorm_affine) == paths
+    assert targets.count(batchnorm_affine) == paths
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -189,7 +191,7 @@ def test_fx_graph_reads_batchnorm_state_when_run():
     with torch.no_grad():
         graph = torch.fx.symbolic_trace(model)
     targets = [node.target for node in graph.graph.nodes if node.op == "call_function"]
-    assert _batchnorm_affine in targets, "traced without grad in eval mode, BatchNorm should be folded"
+    assert batchnorm_affine in targets, "traced without grad in eval mode, BatchNorm should be folded"
     randomize_batchnorm(model)  # the graph holds the same modules
     x = images()
     with torch.no_grad():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sknet_triton import SKConv, set_backend
-from sknet_triton.layers import paper_attn_width, timm_attn_width
+from sknet_triton.attention import paper_attn_width, timm_attn_width
 
 BAD_ARGUMENTS = {
     "groups 0": (dict(groups=0), ValueError, "groups must be a positive integer, got 0"),

@@ -11,9 +11,10 @@ import json
 import pytest
 import torch
 
-from sknet_triton import SKConv, create_model, families, launch, ops, planning, reference, set_backend, set_split_conv
-from sknet_triton import tuned
+from perf.recording import recording
+from sknet_triton import SKConv, create_model, families, layers, ops, planning, reference, set_backend, set_split_conv, tuned
 from sknet_triton.layout import image_layout
+from sknet_triton.ops.split import split_forward
 from tests.helpers import DEVICE, requires_kernels
 from tests.model_helpers import randomize_batchnorm
 from tests.ops_inputs import assert_close, poisoned_allocations
@@ -90,8 +91,8 @@ def test_matches_conv_batchnorm_relu_and_fuse(case, monkeypatch):
 @pytest.mark.parametrize("group_in, tensor_cores", [(4, False), (16, True)])
 def test_each_group_width_takes_its_inner_product(group_in, tensor_cores):
     x, weight, scale, bias = make_inputs(1, 32, 3, 3, 32, 2, group_in, F32, True)
-    with launch.recording() as launches:
-        launch.split_forward(x, weight, scale, bias, 1, False)
+    with recording() as launches:
+        split_forward(x, weight, scale, bias, 1, False)
     [split] = launches
     assert split.constexprs["USE_DOT"] is tensor_cores
 
@@ -100,8 +101,8 @@ def test_each_group_width_takes_its_inner_product(group_in, tensor_cores):
 def test_many_chunks_add_up(group_in, monkeypatch):
     # Every chunk of positions adds its share of s atomically, after several tiles each.
     x, weight, scale, bias = make_inputs(1, 16, 23, 24, 16, 2, group_in, F32, True)
-    with launch.recording() as launches:
-        launch.split_forward(x, weight, scale, bias, 1, False)
+    with recording() as launches:
+        split_forward(x, weight, scale, bias, 1, False)
     [split] = launches
     assert split.args[-1] > split.constexprs["BLOCK_P"], "a chunk holds several tiles"
     assert 23 * 24 > 2 * split.args[-1], "several chunks per image"
@@ -113,8 +114,8 @@ def test_deterministic_algorithms_give_one_chunk_and_repeatable_results(min_prog
     x, weight, scale, bias = make_inputs(1, 16, 20, 20, 16, 2, 4, F32, True)
     torch.use_deterministic_algorithms(True)
     try:
-        with launch.recording() as launches:
-            launch.split_forward(x, weight, scale, bias, 1, False)
+        with recording() as launches:
+            split_forward(x, weight, scale, bias, 1, False)
         assert launches[0].args[-1] >= 20 * 20, "one chunk per image"
         runs = [ops.sk_split(x, weight, scale, bias) for _ in range(2)]
     finally:
@@ -158,15 +159,15 @@ def test_bad_input_is_named(case):
 
 @pytest.fixture
 def split_calls(monkeypatch):
-    """Counts the calls of ops.sk_split (SKConv reaches it through the ops module)."""
+    """Counts SKConv's calls of sk_split."""
     calls = []
-    real = ops.sk_split
+    real = layers.sk_split
 
     def counted(*args, **kwargs):
         calls.append(args[0].shape)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ops, "sk_split", counted)
+    monkeypatch.setattr(layers, "sk_split", counted)
     return calls
 
 
@@ -223,7 +224,7 @@ def test_model_with_forced_split_kernel_matches_its_convolutions(split_calls):
 def split_faster_at_5x5(tmp_path, monkeypatch):
     """A tuned table of a made-up sm_99, which every device is taken to be, recording the split kernel faster
     than the convolutions for float32 NCHW, M = 2, C = 16 at 5x5 output positions, and nowhere else."""
-    config = dataclasses.asdict(families.default_config("split_fwd", 2))
+    config = dataclasses.asdict(families.FAMILIES["split_fwd"].defaults[2])
     entry = {"family": "split_fwd", "dtype": "fp32", "channels_last": False, "M": 2, "B": 2, "C": 16, "HW": 25,
              "config": {k: v for k, v in config.items() if v is not None}}
     (tmp_path / "sm_99.json").write_text(json.dumps({"arch": "sm_99", "entries": [entry]}))

@@ -53,14 +53,26 @@ def test_every_option_still_learns(tmp_path):
     assert float(log[2]["lr_first"]) == pytest.approx(0.004 * 0.3)
 
 
+def _default_interrupt() -> None:
+    """In the child before it runs the trainer: SIGINT's default disposition, whatever the parent's."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_ends_with_one_line_naming_the_intact_checkpoint(tmp_path):
     output = tmp_path / "run"
     # 20 epochs of 32 steps: the interrupt comes long before the end, whatever the machine's speed.
     command = [sys.executable, "-m", "sknet_triton.train", *TINY, "--synthetic-size", "256", "--epochs", "20",
                "--batch-size", "8", "--workers", "1", "--output", str(output)]
-    # A session of its own: the interrupt reaches the trainer and its loader worker, as a terminal's Ctrl-C does.
-    process = subprocess.Popen(command, env=trainer_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
+    # A session of its own: the interrupt reaches the trainer and its loader worker, as a terminal's Ctrl-C
+    # does. A child inherits an ignored SIGINT (a suite started in the background, `cmd &`, runs so), and
+    # Python then installs no KeyboardInterrupt handler: the trainer starts with the default disposition, as
+    # from a terminal. This test ignores SIGINT itself meanwhile, so that it fails if the trainer does not.
+    ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        process = subprocess.Popen(command, env=trainer_environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, start_new_session=True, preexec_fn=_default_interrupt)
+    finally:
+        signal.signal(signal.SIGINT, ignored)
     try:
         deadline = time.monotonic() + 300
         while not (output / checkpoint.FILENAME).exists():

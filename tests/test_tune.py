@@ -1,4 +1,4 @@
-"""perf/tune.py and the launcher's config override it times candidates with."""
+"""perf/tune.py and the configuration override it times candidates with (perf/forcing.py)."""
 import json
 import os
 import subprocess
@@ -10,7 +10,10 @@ import pandas as pd
 import torch
 
 from perf import tune, tune_split
-from sknet_triton import families, launch, planning, tuned
+from perf.forcing import forcing_config
+from perf.recording import recording
+from sknet_triton import families, planning, tuned
+from sknet_triton.ops.select import select_forward
 from tests.helpers import requires_kernels
 from tests.ops_inputs import make_branches, make_logits
 
@@ -20,20 +23,22 @@ FORCED = tuned.Config(tile_bytes=2048, num_warps=2, num_stages=2, programs_per_s
 
 def select_launch():
     branches = make_branches((2, 24, 9, 11), 2, torch.float32, True, stacked=False)
-    with launch.recording() as launches:
-        launch.select_forward(branches, make_logits(2, 2, 24, torch.float32), None, None, False)
+    with recording() as launches:
+        select_forward(branches, make_logits(2, 2, 24, torch.float32), None, None, False)
     return launches[0]
 
 
 @requires_kernels
 def test_forcing_config_steers_every_launch_and_ends_with_the_block():
     before = select_launch()
-    with planning.forcing_config(FORCED):
-        assert planning.choose_config((), "select_bwd", torch.bfloat16, False, 3, 1, 1, 1) == FORCED
+    select_bwd, split_fwd = families.FAMILIES["select_bwd"], families.FAMILIES["split_fwd"]
+    with forcing_config(FORCED):
+        assert planning.device_config(select_bwd, torch.device("cpu"), torch.bfloat16, False, 3, 1, 1, 1) == FORCED
         forced = select_launch()
-    with planning.forcing_config(FORCED, "split_fwd"):  # one family's: the others keep their own
-        assert planning.choose_config((), "split_fwd", torch.bfloat16, False, 3, 1, 1, 1) == FORCED
+    with forcing_config(FORCED, "split_fwd"):  # one family's: the others keep their own
+        assert planning.device_config(split_fwd, torch.device("cpu"), torch.bfloat16, False, 3, 1, 1, 1) == FORCED
         assert select_launch().options == before.options
+    assert tuned.tuned_table(None) == ()
     after = select_launch()
     assert forced.options == dict(num_warps=FORCED.num_warps, num_stages=FORCED.num_stages)
     assert forced.constexprs["BLOCK_C"] * forced.constexprs["BLOCK_HW"] == FORCED.tile_bytes // 4
@@ -76,7 +81,7 @@ def test_dry_run_writes_a_table_launch_reads(tmp_path):
 
 def test_table_keeps_each_configuration_whole(tmp_path):
     """A register budget is written where a configuration has one (the split kernel's), and only there."""
-    split, fuse = families.default_config(tune_split.SPLIT_FAMILY, 2), families.default_config("fuse_fwd", 2)
+    split, fuse = families.FAMILIES[tune_split.SPLIT_FAMILY].defaults[2], families.FAMILIES["fuse_fwd"].defaults[2]
     assert split.maxnreg is not None and fuse.maxnreg is None
     problem = {"dtype": "bf16", "channels_last": True, "B": 8, "C": 64, "H": 7, "W": 7, "status": "ok"}
     winners = pd.DataFrame([{**problem, "family": tune_split.SPLIT_FAMILY, **asdict(split)},

@@ -1,4 +1,4 @@
-"""SKConv's one path decision (sknet_triton.layers.unit_path): which path each mode takes, every path on an
+"""SKConv's one path decision (sknet_triton.layers.SKConv.unit_path): which path each mode takes, every path on an
 empty batch, and torch.jit.trace on the reference path and on the kernels'.
 
 In this process the kernels run (CUDA, or Triton's interpreter on the CPU); the reference path of the
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from sknet_triton import SKConv, device, set_backend, set_split_conv
-from sknet_triton.layers import UnitPath, unit_path
+from sknet_triton.layers import UnitPath
 from tests.helpers import DEVICE, requires_kernels
 from tests.model_helpers import randomize_batchnorm
 
@@ -35,29 +35,33 @@ def make_unit(norm_layer=nn.BatchNorm2d, stride=1):
 def test_each_mode_takes_its_path():
     unit = make_unit()
     x = torch.randn(2, C_IN, H, W, device=DEVICE)
-    assert unit_path(unit.train(), x) is UnitPath.BATCH_STATISTICS
-    assert unit_path(unit.eval(), x) is UnitPath.OPS  # BatchNorm's parameters want gradients: not folded
+    assert unit.train().unit_path(x) is UnitPath.BATCH_STATISTICS
+    assert unit.eval().unit_path(x) is UnitPath.OPS  # BatchNorm's parameters want gradients: not folded
     with torch.no_grad():
-        assert unit_path(set_split_conv(unit, "triton"), x) is UnitPath.SPLIT_KERNEL
+        assert set_split_conv(unit, "triton").unit_path(x) is UnitPath.SPLIT_KERNEL
         assert unit.split_kernel_applies(x)
-        assert unit_path(set_split_conv(unit, "cudnn"), x) is UnitPath.FOLDED_BATCHNORM
+        assert set_split_conv(unit, "cudnn").unit_path(x) is UnitPath.FOLDED_BATCHNORM
         assert not unit.split_kernel_applies(x)
-        assert unit_path(set_split_conv(unit, "auto"), x) is UnitPath.FOLDED_BATCHNORM  # no tuned table here
-        assert unit_path(set_backend(copy.deepcopy(unit), "torch"), x) is UnitPath.PLAIN_TORCH
+        assert set_split_conv(unit, "auto").unit_path(x) is UnitPath.FOLDED_BATCHNORM  # no tuned table here
+        assert set_backend(copy.deepcopy(unit), "torch").unit_path(x) is UnitPath.PLAIN_TORCH
         # Not the split kernel's geometry: the layer asks the op's own check.
         unit.paths[1].conv.dilation = (1, 1)
-        assert unit_path(set_split_conv(unit, "triton"), x) is UnitPath.FOLDED_BATCHNORM
+        assert set_split_conv(unit, "triton").unit_path(x) is UnitPath.FOLDED_BATCHNORM
     other = make_unit(norm_layer=type("OtherBatchNorm", (nn.BatchNorm2d,), {})).train()
-    assert unit_path(other, x) is UnitPath.OPS
+    assert other.unit_path(x) is UnitPath.OPS
 
 
-def test_off_the_kernels_device_the_ops_run_the_reference(monkeypatch):
-    monkeypatch.setattr(device, "INTERPRETED", False)
+def test_off_the_kernels_device_a_unit_runs_plain_torch(monkeypatch):
+    # The operations of timm's module, nothing more: no folded BatchNorm applied twice, in either mode.
+    monkeypatch.setattr(device, "KERNEL_DEVICE_TYPES", ("cuda",))  # the rule without the interpreter
     unit = make_unit().cpu()
     x = torch.randn(2, C_IN, H, W)
-    assert unit_path(unit.train(), x) is UnitPath.OPS
-    with torch.no_grad():
-        assert unit_path(set_split_conv(unit.eval(), "triton"), x) is UnitPath.FOLDED_BATCHNORM
+    plain = set_backend(copy.deepcopy(unit), "torch")
+    for mode in (True, False):
+        unit.train(mode), plain.train(mode)
+        with torch.no_grad():
+            assert set_split_conv(unit, "triton").unit_path(x) is UnitPath.PLAIN_TORCH
+            assert torch.equal(unit(x), plain(x))
 
 
 def test_an_interpreter_that_cannot_run_the_kernels_is_named():
@@ -78,8 +82,8 @@ EMPTY_BATCH_CASES = {
     "eval-ops-with-grad": (("eval", "auto", "auto", True, False), UnitPath.OPS),
     "train-torch": (("train", "torch", "auto", True, False), UnitPath.PLAIN_TORCH),
     "eval-torch": (("eval", "torch", "auto", False, False), UnitPath.PLAIN_TORCH),
-    "train-reference": (("train", "auto", "auto", True, True), UnitPath.OPS),
-    "eval-reference": (("eval", "auto", "auto", False, True), UnitPath.FOLDED_BATCHNORM),
+    "train-reference": (("train", "auto", "auto", True, True), UnitPath.PLAIN_TORCH),
+    "eval-reference": (("eval", "auto", "auto", False, True), UnitPath.PLAIN_TORCH),
 }
 
 
@@ -88,14 +92,14 @@ EMPTY_BATCH_CASES = {
 def test_empty_batch_on_every_path(case, momentum, monkeypatch):
     (mode, backend, split_conv, grad, reference_device), path = EMPTY_BATCH_CASES[case]
     if reference_device:
-        monkeypatch.setattr(device, "INTERPRETED", False)
+        monkeypatch.setattr(device, "KERNEL_DEVICE_TYPES", ("cuda",))
     where = torch.device("cpu") if reference_device else DEVICE
     unit = make_unit(norm_layer=functools.partial(nn.BatchNorm2d, momentum=momentum), stride=2).to(where)
     unit = set_split_conv(set_backend(unit.train(mode == "train"), backend), split_conv)
     plain = set_backend(copy.deepcopy(unit), "torch")  # nn.BatchNorm2d's own handling of an empty batch
     x = torch.randn(0, C_IN, H, W, device=where).contiguous(memory_format=torch.channels_last).requires_grad_(grad)
     with torch.set_grad_enabled(grad):
-        assert unit_path(unit, x) is path
+        assert unit.unit_path(x) is path
         out, expected = unit(x), plain(x)
     assert out.shape == expected.shape == (0, C, (H - 1) // 2 + 1, (W - 1) // 2 + 1)
     assert out.dtype == x.dtype and out.device == x.device
