@@ -2,8 +2,8 @@
 branches' training-mode BatchNorm inside them.
 
 Only ``@triton.jit`` functions (and the facts their signatures fix) live here; each kernel's family is
-declared in ``sknet_triton.families``, its launch planned in ``sknet_triton.planning`` and started in
-``sknet_triton.launch``; validation and autograd are in ``sknet_triton.ops``.
+declared beside its op in ``sknet_triton.ops`` (its validation, launcher and autograd), its launch planned in
+``sknet_triton.planning`` and started by ``sknet_triton.ops.launch``.
 """
 from .batchnorm import sk_bn_stats_kernel, sk_fuse_bn_bwd_kernel, sk_select_bn_bwd_kernel
 from .fuse import sk_fuse_bwd_kernel, sk_fuse_fwd_kernel

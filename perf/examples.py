@@ -88,7 +88,7 @@ def _prologues(i: dict) -> list[tuple]:
 
 def _batch_norm_inputs(p: Problem, generator: torch.Generator) -> dict:
     """Branch inputs with BatchNorm's affine parameters float32 [M, C], the float32 [5, M, C] statistics of
-    the branches (sknet_triton.batchnorm's rows) and select's float32 handoff to fuse's backward."""
+    the branches (sknet_triton.ops.batchnorm's rows) and select's float32 handoff to fuse's backward."""
     i = branch_inputs(p, generator)
     i["weight"], i["beta"] = _normal(generator, p.M, p.C).abs() + 0.5, _normal(generator, p.M, p.C) * 0.1
     _, mean, var = reference.batch_norm_relu(branch_views(i["branches"]))

@@ -1,7 +1,9 @@
-"""The fused ops as a TorchScript-compiled SKConv calls them.
+"""The fused ops as SKConv's fused-ops paths call them, in a form TorchScript compiles and torch.fx records as one
+call each (``sknet_triton.layers`` registers both with ``torch.fx.wrap``, so that every torch.fx tracer, timm's
+and torchvision's feature extractors included, records each as a single node, and a scripted graph compiles it).
 
 TorchScript compiles neither :func:`sknet_triton.ops.sk_fuse` nor :func:`sknet_triton.ops.sk_select`
-(validation, the eager launch), so a scripted unit calls these: the registered custom ops
+(validation, the eager launch), so under TorchScript these call the registered custom ops
 ``torch.ops.sknet_triton.sk_fuse`` / ``sk_select`` (the Triton kernels) where
 :data:`sknet_triton.device.KERNEL_DEVICE_TYPES` holds the device's type, :mod:`sknet_triton.reference`
 elsewhere. Outside TorchScript they are the ops themselves.

@@ -11,14 +11,13 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from sknet_triton import graph_ops, reference
+from sknet_triton import ops, reference
 from sknet_triton.attention import AttnWidth, SKAttention, attn_channels
 from sknet_triton.checks import check_bool, check_int, is_integer
 from sknet_triton.device import uses_triton
+from sknet_triton.graph_ops import sk_fuse, sk_select
 from sknet_triton.ops.batchnorm import batchnorm_affine, sk_fuse_bn, sk_select_bn
-from sknet_triton.ops.fuse import sk_fuse
 from sknet_triton.ops.launch import MAX_BRANCHES, refuse_jit_trace
-from sknet_triton.ops.select import sk_select
 from sknet_triton.ops.split import prefers_split_kernel, sk_split, split_geometry_problem
 
 __all__ = ["SKConv", "ConvBnAct", "UnitPath", "set_backend", "set_split_conv", "BACKENDS", "SPLIT_CONVS"]
@@ -31,8 +30,9 @@ BACKENDS = ("auto", "torch")
 # "triton": always the split kernel; "cudnn": always the paths' own convolutions.
 SPLIT_CONVS = ("auto", "triton", "cudnn")
 
-# One node each in any torch.fx graph of an SKConv. The fused ops' kernels cannot be traced; BatchNorm's
-# statistics become graph inputs (read by an fx tracer, they would be recorded as constants).
+# One node each in any torch.fx graph of an SKConv, calls that TorchScript compiles when the graph is scripted
+# (graph_ops); the fused ops' kernels cannot be traced. BatchNorm's statistics become graph inputs (read by
+# an fx tracer, they would be recorded as constants).
 torch.fx.wrap("sk_fuse")
 torch.fx.wrap("sk_select")
 torch.fx.wrap("batchnorm_affine")
@@ -192,8 +192,7 @@ class SKConv(nn.Module):
         # then the fused ops as TorchScript calls them (or plain PyTorch on the "torch" backend).
         if self.backend == "torch":
             return self._forward_plain_torch(x)
-        branches = self._run_paths(self._path_inputs(x))
-        return graph_ops.sk_select(branches, self.attn(graph_ops.sk_fuse(branches)))
+        return self._forward_ops(x)
 
     def _forward_plain_torch(self, x: Tensor) -> Tensor:
         """UnitPath.PLAIN_TORCH: the paths, then the reference fuse and select."""
@@ -236,7 +235,7 @@ class SKConv(nn.Module):
         weight = torch.stack([path.conv.weight for path in self.paths]).to(dtype)
         scale, bias = self._folded_batchnorm()
         branches, s = sk_split(x.to(dtype), weight, scale, bias, self.paths[0].conv.stride[0], self.split_input)
-        return sk_select(branches, self.attn(s))
+        return ops.sk_select(branches, self.attn(s))
 
     def unit_path(self, x: Tensor) -> "UnitPath":
         """How this unit runs on ``x`` [B, C_in, H, W] (any dtype; a torch.fx Proxy while fx traces) in the

@@ -27,8 +27,8 @@ from timm.models import (
 from timm.models.sknet import SelectiveKernelBasic, SelectiveKernelBottleneck
 from torch import nn
 
+from sknet_triton.checks import check_bool, check_int
 from sknet_triton.convert import accelerate
-from sknet_triton.layers import check_bool, check_int
 
 __all__ = [
     "create_model", "list_models", "SmallImageResNet", "TIMM_MODELS", "SKNET_MODELS", "MODEL_KWARGS", "GLOBAL_POOLS",

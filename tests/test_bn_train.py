@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sknet_triton import SKConv, create_model, device, ops, planning, reference, set_backend
+from sknet_triton import SKConv, create_model, device, layers, ops, planning, reference, set_backend
 from sknet_triton.families import FAMILIES
 from sknet_triton.layers import UnitPath
 from tests.helpers import DEVICE, requires_kernels
@@ -226,13 +226,13 @@ def test_one_value_per_channel_is_refused_as_batchnorm_refuses_it():
 def fused_calls(monkeypatch):
     """How many times SKConv ran the fused training path."""
     calls = []
-    original = ops.sk_fuse_bn
+    original = layers.sk_fuse_bn
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(ops, "sk_fuse_bn", counting)
+    monkeypatch.setattr(layers, "sk_fuse_bn", counting)
     return calls
 
 
@@ -374,7 +374,7 @@ TRACE_SCRIPT = textwrap.dedent('''
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch._functorch.aot_autograd import aot_function
     from functorch.compile import make_boxed_func
-    from sknet_triton import planning, tuned
+    from sknet_triton import device, planning, tuned
 
     assert not device.INTERPRETED
     tuned.arch_name = lambda device: "sm_90"  # no GPU here to ask: an H100's
