@@ -9,10 +9,8 @@ from .batchnorm import sk_bn_stats_kernel, sk_fuse_bn_bwd_kernel, sk_select_bn_b
 from .fuse import sk_fuse_bwd_kernel, sk_fuse_fwd_kernel
 from .select import sk_select_bwd_kernel, sk_select_fwd_kernel
 from .split import sk_split_fwd_kernel
-from .tile import MAX_BRANCHES
 
 __all__ = [
-    "MAX_BRANCHES",
     "sk_fuse_fwd_kernel",
     "sk_fuse_bwd_kernel",
     "sk_select_fwd_kernel",

@@ -32,7 +32,8 @@ import triton
 import triton.language as tl
 
 from .tile import (
-    add_softmax_grad_share, at_image, per_branch_vectors, program_tile, softmax_weights, tile_mask, tile_offsets,
+    add_softmax_grad_share, branch_pointers, dense_line, per_branch_vectors, program_tile, softmax_weights, tile_at,
+    tile_axes, tile_mask,
 )
 
 
@@ -55,43 +56,41 @@ def _tile_moments(ptrs, mask, count, mean_a, m2_a, count_a):
 
 @triton.jit
 def sk_bn_stats_kernel(
-    u0_ptr, u1_ptr, u2_ptr, u3_ptr,  # raw branches Y_m [B, C, H, W] (no prologue); u2/u3 are read only when M > 2/3
+    u0_ptr, u1_ptr, u2_ptr, u3_ptr,  # raw branches Y_m [B, C, H, W] (no prologue); the first M are read
     mean_ptr, m2_ptr,  # out: float32 [M, B * splits, C], one partial per program and branch
-    C, HW, stride_u, chunk,
+    C, HW, stride_u, line_u, chunk,
     M: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     b, c, c_mask, hw_lo, hw_hi = program_tile(C, HW, chunk, BLOCK_C)
-    offs, hw_step = tile_offsets(c, C, HW, CHANNELS_LAST, BLOCK_HW)
-    u0_ptr, u1_ptr, u2_ptr, u3_ptr = at_image(u0_ptr, u1_ptr, u2_ptr, u3_ptr, b * stride_u)
+    c_u, step_u = tile_axes(c, line_u, CHANNELS_LAST)
+    us = branch_pointers(u0_ptr, u1_ptr, u2_ptr, u3_ptr, b * stride_u, M)
 
-    zeros = tl.zeros([BLOCK_C], tl.float32)
-    mean0, m20, mean1, m21, mean2, m22, mean3, m23 = zeros, zeros, zeros, zeros, zeros, zeros, zeros, zeros
+    means = ()
+    m2s = ()
+    for m in tl.static_range(M):
+        means = means + (tl.zeros([BLOCK_C], tl.float32),)
+        m2s = m2s + (tl.zeros([BLOCK_C], tl.float32),)
     seen = 0.0
     for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
         mask = tile_mask(c_mask, hw0, hw_hi, BLOCK_HW)
-        at = hw0 * hw_step + offs
+        at = tile_at(c_u, step_u, hw0, BLOCK_HW)
         count = tl.minimum(hw_hi - hw0, BLOCK_HW).to(tl.float32)
-        mean0, m20 = _tile_moments(u0_ptr + at, mask, count, mean0, m20, seen)
-        mean1, m21 = _tile_moments(u1_ptr + at, mask, count, mean1, m21, seen)
-        if M > 2:
-            mean2, m22 = _tile_moments(u2_ptr + at, mask, count, mean2, m22, seen)
-        if M > 3:
-            mean3, m23 = _tile_moments(u3_ptr + at, mask, count, mean3, m23, seen)
+        merged_means = ()
+        merged_m2s = ()
+        for m in tl.static_range(M):
+            mean, m2 = _tile_moments(us[m] + at, mask, count, means[m], m2s[m], seen)
+            merged_means = merged_means + (mean,)
+            merged_m2s = merged_m2s + (m2,)
+        means = merged_means
+        m2s = merged_m2s
         seen += count
 
     partials = tl.num_programs(0).to(tl.int64) * tl.num_programs(2)  # B * splits: grows with the batch
     at = (b * tl.num_programs(2) + tl.program_id(2)) * C + c
-    tl.store(mean_ptr + at, mean0, mask=c_mask)
-    tl.store(m2_ptr + at, m20, mask=c_mask)
-    tl.store(mean_ptr + partials * C + at, mean1, mask=c_mask)
-    tl.store(m2_ptr + partials * C + at, m21, mask=c_mask)
-    if M > 2:
-        tl.store(mean_ptr + 2 * partials * C + at, mean2, mask=c_mask)
-        tl.store(m2_ptr + 2 * partials * C + at, m22, mask=c_mask)
-    if M > 3:
-        tl.store(mean_ptr + 3 * partials * C + at, mean3, mask=c_mask)
-        tl.store(m2_ptr + 3 * partials * C + at, m23, mask=c_mask)
+    for m in tl.static_range(M):
+        tl.store(mean_ptr + m * partials * C + at, means[m], mask=c_mask)
+        tl.store(m2_ptr + m * partials * C + at, m2s[m], mask=c_mask)
 
 
 @triton.jit
@@ -130,57 +129,66 @@ def sk_select_bn_bwd_kernel(
     u0_ptr, u1_ptr, u2_ptr, u3_ptr,  # raw branches Y_m, as in the forward
     scale_ptr, bias_ptr,  # float32 [M, C]: the prologue's scale and shift
     mean_ptr, rstd_ptr,  # float32 [M, C]: batch mean and 1 / sqrt(var + eps)
-    logits_ptr,  # [B, M, C], contiguous
-    dv_ptr,  # [B, C, H, W]: gradient of the select output, in the branches' layout, batch stride stride_dv
-    dlogits_ptr,  # float32 [B, M, C], zeroed: each program adds its chunk's share
+    logits_ptr,  # [B, M, C], element strides stride_lb, stride_lm, stride_lc
+    dv_ptr,  # [B, C, H, W]: gradient of the select output, dense in the branches' layout, batch stride stride_dv
+    dlogits_ptr,  # float32 [B, M, C], contiguous and zeroed: each program adds its chunk's share
     sums_ptr,  # float32 [4, B, M, C], zeroed: each program adds its chunk's share of the four sums
-    stride_dv,
-    C, HW, stride_u, chunk,
+    stride_lb, stride_lm, stride_lc, stride_dv,
+    C, HW, stride_u, line_u, chunk,
     M: tl.constexpr, AFFINE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     b, c, c_mask, hw_lo, hw_hi = program_tile(C, HW, chunk, BLOCK_C)
-    offs, hw_step = tile_offsets(c, C, HW, CHANNELS_LAST, BLOCK_HW)
-    a0, a1, a2, a3 = softmax_weights(logits_ptr, b, c, c_mask, C, M)
-    scale0, shift0, scale1, shift1, scale2, shift2, scale3, shift3 = per_branch_vectors(
-        scale_ptr, bias_ptr, c, c_mask, C, M, AFFINE
-    )
-    mean0, rstd0, mean1, rstd1, mean2, rstd2, mean3, rstd3 = per_branch_vectors(
-        mean_ptr, rstd_ptr, c, c_mask, C, M, True
-    )
-    u0_ptr, u1_ptr, u2_ptr, u3_ptr = at_image(u0_ptr, u1_ptr, u2_ptr, u3_ptr, b * stride_u)
+    c_u, step_u = tile_axes(c, line_u, CHANNELS_LAST)
+    c_dv, step_dv = tile_axes(c, dense_line(C, HW, CHANNELS_LAST), CHANNELS_LAST)
+    a = softmax_weights(logits_ptr, stride_lb, stride_lm, stride_lc, b, c, c_mask, M)
+    scales, shifts = per_branch_vectors(scale_ptr, bias_ptr, c, c_mask, C, M, AFFINE)
+    means, rstds = per_branch_vectors(mean_ptr, rstd_ptr, c, c_mask, C, M, True)
+    us = branch_pointers(u0_ptr, u1_ptr, u2_ptr, u3_ptr, b * stride_u, M)
     dv_ptr += b * stride_dv
 
-    zeros = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
-    g0, dv_on0, dv_x_on0, on0, x_on0 = zeros, zeros, zeros, zeros, zeros
-    g1, dv_on1, dv_x_on1, on1, x_on1 = zeros, zeros, zeros, zeros, zeros
-    g2, dv_on2, dv_x_on2, on2, x_on2 = zeros, zeros, zeros, zeros, zeros
-    g3, dv_on3, dv_x_on3, on3, x_on3 = zeros, zeros, zeros, zeros, zeros
+    # Five running tiles per branch: dV * P, then dV, dV * x_hat, 1, x_hat over the active positions.
+    g = ()
+    dv_on = ()
+    dv_x_on = ()
+    on = ()
+    x_on = ()
+    for m in tl.static_range(M):
+        g = g + (tl.zeros([BLOCK_C, BLOCK_HW], tl.float32),)
+        dv_on = dv_on + (tl.zeros([BLOCK_C, BLOCK_HW], tl.float32),)
+        dv_x_on = dv_x_on + (tl.zeros([BLOCK_C, BLOCK_HW], tl.float32),)
+        on = on + (tl.zeros([BLOCK_C, BLOCK_HW], tl.float32),)
+        x_on = x_on + (tl.zeros([BLOCK_C, BLOCK_HW], tl.float32),)
     for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
         mask = tile_mask(c_mask, hw0, hw_hi, BLOCK_HW)
-        at = hw0 * hw_step + offs
-        dv = tl.load(dv_ptr + at, mask=mask, other=0.0).to(tl.float32)
-        g0, dv_on0, dv_x_on0, on0, x_on0 = _branch_sums(
-            u0_ptr + at, dv, mask, scale0, shift0, mean0, rstd0, g0, dv_on0, dv_x_on0, on0, x_on0)
-        g1, dv_on1, dv_x_on1, on1, x_on1 = _branch_sums(
-            u1_ptr + at, dv, mask, scale1, shift1, mean1, rstd1, g1, dv_on1, dv_x_on1, on1, x_on1)
-        if M > 2:
-            g2, dv_on2, dv_x_on2, on2, x_on2 = _branch_sums(
-                u2_ptr + at, dv, mask, scale2, shift2, mean2, rstd2, g2, dv_on2, dv_x_on2, on2, x_on2)
-        if M > 3:
-            g3, dv_on3, dv_x_on3, on3, x_on3 = _branch_sums(
-                u3_ptr + at, dv, mask, scale3, shift3, mean3, rstd3, g3, dv_on3, dv_x_on3, on3, x_on3)
+        at = tile_at(c_u, step_u, hw0, BLOCK_HW)
+        dv = tl.load(dv_ptr + tile_at(c_dv, step_dv, hw0, BLOCK_HW), mask=mask, other=0.0).to(tl.float32)
+        new_g = ()
+        new_dv_on = ()
+        new_dv_x_on = ()
+        new_on = ()
+        new_x_on = ()
+        for m in tl.static_range(M):
+            g_m, dv_on_m, dv_x_on_m, on_m, x_on_m = _branch_sums(
+                us[m] + at, dv, mask, scales[m], shifts[m], means[m], rstds[m], g[m], dv_on[m], dv_x_on[m], on[m],
+                x_on[m])
+            new_g = new_g + (g_m,)
+            new_dv_on = new_dv_on + (dv_on_m,)
+            new_dv_x_on = new_dv_x_on + (dv_x_on_m,)
+            new_on = new_on + (on_m,)
+            new_x_on = new_x_on + (x_on_m,)
+        g = new_g
+        dv_on = new_dv_on
+        dv_x_on = new_dv_x_on
+        on = new_on
+        x_on = new_x_on
 
-    add_softmax_grad_share(dlogits_ptr, b, c, c_mask, C, a0, a1, a2, a3, g0, g1, g2, g3, M)
+    add_softmax_grad_share(dlogits_ptr, b, c, c_mask, C, a, g, M)
 
     sums_stride = tl.num_programs(0).to(tl.int64) * M * C  # one of the four [B, M, C] rows
-    at = b * M * C + c
-    _add_branch_sums(sums_ptr, at, sums_stride, c_mask, a0, dv_on0, dv_x_on0, on0, x_on0)
-    _add_branch_sums(sums_ptr, at + C, sums_stride, c_mask, a1, dv_on1, dv_x_on1, on1, x_on1)
-    if M > 2:
-        _add_branch_sums(sums_ptr, at + 2 * C, sums_stride, c_mask, a2, dv_on2, dv_x_on2, on2, x_on2)
-    if M > 3:
-        _add_branch_sums(sums_ptr, at + 3 * C, sums_stride, c_mask, a3, dv_on3, dv_x_on3, on3, x_on3)
+    for m in tl.static_range(M):
+        _add_branch_sums(sums_ptr, b * M * C + m * C + c, sums_stride, c_mask, a[m], dv_on[m], dv_x_on[m], on[m],
+                         x_on[m])
 
 
 @triton.jit
@@ -197,36 +205,32 @@ def sk_fuse_bn_bwd_kernel(
     u0_ptr, u1_ptr, u2_ptr, u3_ptr,  # raw branches Y_m, as in the forward
     scale_ptr, bias_ptr,  # float32 [M, C]: the prologue's scale and shift
     alpha_ptr, offset_ptr,  # float32 [M, C]: BatchNorm's backward through the batch statistics
-    logits_ptr,  # [B, M, C], contiguous
+    logits_ptr,  # [B, M, C], element strides stride_lb, stride_lm, stride_lc
     ds_ptr,  # float32 [B, C]: gradient of s
-    dv_ptr,  # [B, C, H, W]: gradient of the select output, in the branches' layout, batch stride stride_dv
-    du0_ptr, du1_ptr, du2_ptr, du3_ptr,  # out: gradients of Y_m, each with batch stride stride_du
-    stride_dv, stride_du,
-    C, HW, stride_u, chunk,
+    dv_ptr,  # [B, C, H, W]: gradient of the select output, dense in the branches' layout, batch stride stride_dv
+    du0_ptr, du1_ptr, du2_ptr, du3_ptr,  # out: gradients of Y_m, batch stride stride_du, line stride line_du
+    stride_lb, stride_lm, stride_lc, stride_dv, stride_du, line_du,
+    C, HW, stride_u, line_u, chunk,
     M: tl.constexpr, AFFINE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     b, c, c_mask, hw_lo, hw_hi = program_tile(C, HW, chunk, BLOCK_C)
-    offs, hw_step = tile_offsets(c, C, HW, CHANNELS_LAST, BLOCK_HW)
-    a0, a1, a2, a3 = softmax_weights(logits_ptr, b, c, c_mask, C, M)
+    c_u, step_u = tile_axes(c, line_u, CHANNELS_LAST)
+    c_dv, step_dv = tile_axes(c, dense_line(C, HW, CHANNELS_LAST), CHANNELS_LAST)
+    a = softmax_weights(logits_ptr, stride_lb, stride_lm, stride_lc, b, c, c_mask, M)
     grad_s = tl.load(ds_ptr + b * C + c, mask=c_mask, other=0.0) / HW
-    scale0, shift0, scale1, shift1, scale2, shift2, scale3, shift3 = per_branch_vectors(
-        scale_ptr, bias_ptr, c, c_mask, C, M, AFFINE
-    )
-    alpha0, offset0, alpha1, offset1, alpha2, offset2, alpha3, offset3 = per_branch_vectors(
-        alpha_ptr, offset_ptr, c, c_mask, C, M, True
-    )
-    u0_ptr, u1_ptr, u2_ptr, u3_ptr = at_image(u0_ptr, u1_ptr, u2_ptr, u3_ptr, b * stride_u)
-    du0_ptr, du1_ptr, du2_ptr, du3_ptr = at_image(du0_ptr, du1_ptr, du2_ptr, du3_ptr, b * stride_du)
+    scales, shifts = per_branch_vectors(scale_ptr, bias_ptr, c, c_mask, C, M, AFFINE)
+    alphas, offsets = per_branch_vectors(alpha_ptr, offset_ptr, c, c_mask, C, M, True)
+    c_du, step_du = tile_axes(c, line_du, CHANNELS_LAST)
+    us = branch_pointers(u0_ptr, u1_ptr, u2_ptr, u3_ptr, b * stride_u, M)
+    dus = branch_pointers(du0_ptr, du1_ptr, du2_ptr, du3_ptr, b * stride_du, M)
     dv_ptr += b * stride_dv
 
     for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
         mask = tile_mask(c_mask, hw0, hw_hi, BLOCK_HW)
-        at = hw0 * hw_step + offs
-        dv = tl.load(dv_ptr + at, mask=mask, other=0.0).to(tl.float32)
-        _branch_input_grad(du0_ptr + at, u0_ptr + at, dv, mask, a0, grad_s, scale0, shift0, alpha0, offset0)
-        _branch_input_grad(du1_ptr + at, u1_ptr + at, dv, mask, a1, grad_s, scale1, shift1, alpha1, offset1)
-        if M > 2:
-            _branch_input_grad(du2_ptr + at, u2_ptr + at, dv, mask, a2, grad_s, scale2, shift2, alpha2, offset2)
-        if M > 3:
-            _branch_input_grad(du3_ptr + at, u3_ptr + at, dv, mask, a3, grad_s, scale3, shift3, alpha3, offset3)
+        at = tile_at(c_u, step_u, hw0, BLOCK_HW)
+        dv = tl.load(dv_ptr + tile_at(c_dv, step_dv, hw0, BLOCK_HW), mask=mask, other=0.0).to(tl.float32)
+        at_du = tile_at(c_du, step_du, hw0, BLOCK_HW)
+        for m in tl.static_range(M):
+            _branch_input_grad(dus[m] + at_du, us[m] + at, dv, mask, a[m], grad_s, scales[m], shifts[m], alphas[m],
+                               offsets[m])

@@ -11,36 +11,30 @@ reaches a kernel (see sknet_triton.ops).
 import triton
 import triton.language as tl
 
-from .tile import at_image, load_branch, per_branch_vectors, program_tile, tile_mask, tile_offsets
+from .tile import branch_pointers, load_branch, per_branch_vectors, program_tile, tile_at, tile_axes, tile_mask
 
 
 @triton.jit
 def sk_fuse_fwd_kernel(
-    u0_ptr, u1_ptr, u2_ptr, u3_ptr,  # branches [B, C, H, W]; u2/u3 are read only when M > 2/3
+    u0_ptr, u1_ptr, u2_ptr, u3_ptr,  # branches [B, C, H, W]; the first M are read
     scale_ptr, bias_ptr,  # float32 [M, C], read when AFFINE
     s_ptr,  # float32 [B, C], zeroed: each program adds its chunk's share
-    C, HW, stride_u, chunk,
+    C, HW, stride_u, line_u, chunk,
     M: tl.constexpr, AFFINE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
     RELU: tl.constexpr,
 ):
     b, c, c_mask, hw_lo, hw_hi = program_tile(C, HW, chunk, BLOCK_C)
-    offs, hw_step = tile_offsets(c, C, HW, CHANNELS_LAST, BLOCK_HW)
-    scale0, bias0, scale1, bias1, scale2, bias2, scale3, bias3 = per_branch_vectors(
-        scale_ptr, bias_ptr, c, c_mask, C, M, AFFINE
-    )
-    u0_ptr, u1_ptr, u2_ptr, u3_ptr = at_image(u0_ptr, u1_ptr, u2_ptr, u3_ptr, b * stride_u)
+    c_u, step_u = tile_axes(c, line_u, CHANNELS_LAST)
+    scales, biases = per_branch_vectors(scale_ptr, bias_ptr, c, c_mask, C, M, AFFINE)
+    us = branch_pointers(u0_ptr, u1_ptr, u2_ptr, u3_ptr, b * stride_u, M)
 
     acc = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
     for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
         mask = tile_mask(c_mask, hw0, hw_hi, BLOCK_HW)
-        at = hw0 * hw_step + offs
-        acc += load_branch(u0_ptr + at, mask, scale0, bias0, AFFINE, RELU)
-        acc += load_branch(u1_ptr + at, mask, scale1, bias1, AFFINE, RELU)
-        if M > 2:
-            acc += load_branch(u2_ptr + at, mask, scale2, bias2, AFFINE, RELU)
-        if M > 3:
-            acc += load_branch(u3_ptr + at, mask, scale3, bias3, AFFINE, RELU)
+        at = tile_at(c_u, step_u, hw0, BLOCK_HW)
+        for m in tl.static_range(M):
+            acc += load_branch(us[m] + at, mask, scales[m], biases[m], AFFINE, RELU)
 
     tl.atomic_add(s_ptr + b * C + c, tl.sum(acc, axis=1) / HW, mask=c_mask)
 
@@ -57,27 +51,22 @@ def sk_fuse_bwd_kernel(
     u0_ptr, u1_ptr, u2_ptr, u3_ptr,  # branches, as in the forward
     scale_ptr, bias_ptr,
     ds_ptr,  # float32 [B, C]: gradient of s
-    du0_ptr, du1_ptr, du2_ptr, du3_ptr,  # out: branch gradients, each with batch stride stride_du
-    stride_du,
-    C, HW, stride_u, chunk,
+    du0_ptr, du1_ptr, du2_ptr, du3_ptr,  # out: branch gradients, batch stride stride_du, line stride line_du
+    stride_du, line_du,
+    C, HW, stride_u, line_u, chunk,
     M: tl.constexpr, AFFINE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     b, c, c_mask, hw_lo, hw_hi = program_tile(C, HW, chunk, BLOCK_C)
-    offs, hw_step = tile_offsets(c, C, HW, CHANNELS_LAST, BLOCK_HW)
+    c_u, step_u = tile_axes(c, line_u, CHANNELS_LAST)
+    c_du, step_du = tile_axes(c, line_du, CHANNELS_LAST)
     grad = tl.load(ds_ptr + b * C + c, mask=c_mask, other=0.0) / HW
-    scale0, bias0, scale1, bias1, scale2, bias2, scale3, bias3 = per_branch_vectors(
-        scale_ptr, bias_ptr, c, c_mask, C, M, AFFINE
-    )
-    u0_ptr, u1_ptr, u2_ptr, u3_ptr = at_image(u0_ptr, u1_ptr, u2_ptr, u3_ptr, b * stride_u)
-    du0_ptr, du1_ptr, du2_ptr, du3_ptr = at_image(du0_ptr, du1_ptr, du2_ptr, du3_ptr, b * stride_du)
+    scales, biases = per_branch_vectors(scale_ptr, bias_ptr, c, c_mask, C, M, AFFINE)
+    us = branch_pointers(u0_ptr, u1_ptr, u2_ptr, u3_ptr, b * stride_u, M)
+    dus = branch_pointers(du0_ptr, du1_ptr, du2_ptr, du3_ptr, b * stride_du, M)
 
     for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
         mask = tile_mask(c_mask, hw0, hw_hi, BLOCK_HW)
-        at = hw0 * hw_step + offs
-        _relu_grad(du0_ptr + at, u0_ptr + at, mask, grad * scale0, scale0, bias0, AFFINE)
-        _relu_grad(du1_ptr + at, u1_ptr + at, mask, grad * scale1, scale1, bias1, AFFINE)
-        if M > 2:
-            _relu_grad(du2_ptr + at, u2_ptr + at, mask, grad * scale2, scale2, bias2, AFFINE)
-        if M > 3:
-            _relu_grad(du3_ptr + at, u3_ptr + at, mask, grad * scale3, scale3, bias3, AFFINE)
+        at = tile_at(c_u, step_u, hw0, BLOCK_HW)
+        for m in tl.static_range(M):
+            _relu_grad(dus[m] + tile_at(c_du, step_du, hw0, BLOCK_HW), us[m] + at, mask, grad * scales[m], scales[m], biases[m], AFFINE)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from perf.recording import recording
 from sknet_triton import SKConv, create_model, device, layers, ops, planning, reference, set_backend
 from sknet_triton.families import FAMILIES
 from sknet_triton.layers import UnitPath
@@ -164,6 +165,28 @@ def test_gradients_whichever_output_the_loss_reaches(reaches, monkeypatch):
         for leaf in attention.leaves():
             leaf.requires_grad_(False)
     run_and_check(branches, attention, weight, bias, torch.float32, monkeypatch, REACHES[reaches])
+
+
+class TransposedLogits(LinearAttention):
+    """LinearAttention whose logits are a [B, M, C] view of [B, C, M] memory: one branch's channels M apart."""
+
+    def __call__(self, s):
+        return super().__call__(s).transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("M", [2, 3, 4])
+def test_channel_slices_of_one_tensor_and_strided_logits(M, channels_last, monkeypatch):
+    # ResNeSt's radix branches: M channel slices of one [B, M*C, H, W] tensor, read where they lie.
+    B, C, H, W = 2, 8, 4, 5
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(B, M * C, H, W, device=DEVICE).contiguous(memory_format=fmt).requires_grad_()
+    branches = list(x.split(C, dim=1))
+    weight, bias = make_affine(M, C, affine=True)
+    with recording() as launches:
+        ops.sk_fuse_bn(branches, weight, bias)
+    assert [t.data_ptr() for t in launches[0].args[:M]] == [u.data_ptr() for u in branches], "the branches were copied"
+    run_and_check(branches, TransposedLogits(B, M, C), weight, bias, torch.float32, monkeypatch)
 
 
 def test_without_affine_parameters(monkeypatch):

@@ -6,6 +6,7 @@ stay small. Every test poisons fresh allocations with NaN before the kernels run
 import pytest
 import torch
 
+from perf.recording import recording
 from sknet_triton import layout, ops, planning
 from sknet_triton.families import FAMILIES
 from sknet_triton.ops import launch
@@ -92,7 +93,7 @@ def test_prologue(prologue, M, channels_last, monkeypatch):
 def test_stacked_input(prologue, M, channels_last, monkeypatch):
     shape = (2, 12, 7, 5)
     x = make_branches(shape, M, torch.bfloat16, channels_last, stacked=True)
-    views, kernel_channels_last, _ = layout.kernel_views([x])
+    views, kernel_channels_last, _, _ = layout.kernel_views([x])
     assert kernel_channels_last == channels_last
     assert [v.data_ptr() for v in views] == [u.data_ptr() for u in x.unbind(1)], "stacked input was copied"
     scale, bias, relu = make_prologue(prologue, M, shape[1])
@@ -102,9 +103,57 @@ def test_stacked_input(prologue, M, channels_last, monkeypatch):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_layouts_are_read_in_place(channels_last):
     branches = make_branches((2, 8, 5, 6), 3, torch.float32, channels_last, stacked=False)
-    views, kernel_channels_last, stride = layout.kernel_views(branches)
-    assert kernel_channels_last == channels_last and stride == 8 * 5 * 6
+    views, kernel_channels_last, stride, line = layout.kernel_views(branches)
+    assert kernel_channels_last == channels_last and stride == 8 * 5 * 6 and line == (8 if channels_last else 5 * 6)
     assert [v.data_ptr() for v in views] == [u.data_ptr() for u in branches]
+
+
+def one_tensor(B, M, C, H, W, channels_last):
+    """A [B, M * C, H, W] tensor, as one convolution writes M branches (ResNeSt's radix splits)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return torch.randn(B, M * C, H, W, device=DEVICE).contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("M", [2, 3, 4])
+@pytest.mark.parametrize("form", ["slices", "stacked_view"])
+def test_channel_slices_of_one_tensor_are_read_in_place(form, M, channels_last, monkeypatch):
+    # Branch m is channels m*C .. m*C + C - 1: in channels_last its pixels are M*C apart. Both ops read the
+    # slices where they lie, forward and backward, and a stacked view's gradient has the view's strides, so
+    # that its backward to the [B, M*C, H, W] tensor is a view too.
+    B, C, H, W = 2, 12, 5, 7
+    x = one_tensor(B, M, C, H, W, channels_last).requires_grad_()
+    branches = list(x.split(C, dim=1)) if form == "slices" else x.view(B, M, C, H, W)
+    views, kernel_channels_last, stride, line = layout.kernel_views(branches if form == "slices" else [branches])
+    step = (1 if channels_last else H * W) * x.element_size()
+    assert [v.data_ptr() for v in views] == [x.data_ptr() + m * C * step for m in range(M)], "the branches were copied"
+    assert kernel_channels_last == channels_last and stride == M * C * H * W
+    assert line == (M * C if channels_last else H * W)
+    scale, bias, relu = make_prologue("affine_relu", M, C)
+    with recording() as launches:
+        ops.sk_select(branches, make_logits(B, M, C), scale, bias, relu)
+    assert [t.data_ptr() for t in launches[0].args[:M]] == [v.data_ptr() for v in views], "copied before launch"
+    run_and_check(branches, make_logits(B, M, C), scale, bias, relu, torch.float32, monkeypatch)
+    if form == "stacked_view":
+        logits = make_logits(B, M, C)
+        grads = torch.autograd.grad(ops.sk_select(branches, logits, scale, bias, relu).sum(), [branches])
+        assert grads[0].stride() == branches.stride()
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("M", [2, 3, 4])
+def test_logits_are_read_through_their_strides(M, channels_last, monkeypatch):
+    # A [B, M, C] view of [B, C, M] logits (channels of one branch M apart), and a slice of wider logits.
+    B, C = 2, 12
+    branches = make_branches((B, C, 5, 6), M, torch.float32, channels_last, stacked=False)
+    transposed = (2 * torch.randn(B, C, M, device=DEVICE)).transpose(1, 2).requires_grad_()
+    sliced = (2 * torch.randn(B, M + 1, 2 * C, device=DEVICE))[:, 1:, ::2].requires_grad_()
+    for logits in (transposed, sliced):
+        assert not logits.is_contiguous()
+        with recording() as launches:
+            ops.sk_select(branches, logits)
+        assert launches[0].args[ops.MAX_BRANCHES + 2].data_ptr() == logits.data_ptr(), "the logits were copied"
+        run_and_check(branches, logits, None, None, False, torch.float32, monkeypatch)
 
 
 def strided_cases():
@@ -128,7 +177,7 @@ def test_other_strides(case, monkeypatch):
     branches = [u.detach().requires_grad_() for u in strided_cases()[case]]
     out = run_and_check(branches, make_logits(2, 2, 10), None, None, False, torch.float32, monkeypatch)
     if case == "batch_sliced":
-        views, _, stride = layout.kernel_views(branches)
+        views, _, stride, _ = layout.kernel_views(branches)
         assert stride == 2 * 10 * 6 * 8 and views[0].data_ptr() == branches[0].data_ptr(), "read in place"
     elif case != "batch_strides_differ":
         assert out.is_contiguous(), "copied inputs give a contiguous output"

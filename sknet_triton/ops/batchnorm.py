@@ -208,8 +208,8 @@ def select_bn_backward(grad_out: Tensor, branches: Sequence[Tensor], logits: Ten
     if B:
         grad_out = grad_out.contiguous(memory_format=j.memory_format)
         launch.launch_branches(
-            SELECT_BN_BACKWARD, j, stats[BN_MEAN], stats[BN_RSTD], logits.contiguous(), grad_out, dlogits,
-            handoff[1:], grad_out.stride(0), prologue=(stats[BN_SCALE], stats[BN_SHIFT]),
+            SELECT_BN_BACKWARD, j, stats[BN_MEAN], stats[BN_RSTD], logits, grad_out, dlogits, handoff[1:],
+            *logits.stride(), grad_out.stride(0), prologue=(stats[BN_SCALE], stats[BN_SHIFT]),
         )
     return dlogits.to(logits.dtype), handoff
 
@@ -222,14 +222,14 @@ def fuse_bn_backward(
     j = launch.job(branches)
     B, C, H, W = j.shape
     alpha, offset, dgamma, dbeta = backward_coefficients(grad_s, stats, handoff, H * W)
-    grads = empty_branch_grads(branches, j.channels_last)
+    grads = empty_branch_grads(branches)
     if B:
         grad_out = grad_out.contiguous(memory_format=j.memory_format)
         grad_views = branch_views(grads)
         launch.launch_branches(
             FUSE_BN_BACKWARD, j, alpha.contiguous(), offset.contiguous(), handoff[0], grad_s.float().contiguous(),
-            grad_out, *j.grad_pointers(grad_views), grad_out.stride(0), grad_views[0].stride(0),
-            prologue=(stats[BN_SCALE], stats[BN_SHIFT]),
+            grad_out, *j.grad_pointers(grad_views), *handoff[0].stride(), grad_out.stride(0),
+            *launch.grad_strides(grad_views), prologue=(stats[BN_SCALE], stats[BN_SHIFT]),
         )
     return grads, dgamma, dbeta
 
@@ -272,7 +272,7 @@ def _sk_fuse_bn_train_op(
 def _fuse_bn_train_backward_shape(grad_s, grad_out, branches, stats, handoff):
     views = branch_views(branches)
     M, C = len(views), views[0].shape[1]
-    return empty_branch_grads(branches, kernel_layout(branches)), stats.new_empty(M, C), stats.new_empty(M, C)
+    return empty_branch_grads(branches), stats.new_empty(M, C), stats.new_empty(M, C)
 
 
 @launch.operator("sk_fuse_bn_train_backward", _fuse_bn_train_backward_shape)

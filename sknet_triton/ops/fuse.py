@@ -6,10 +6,11 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from sknet_triton import reference
 from sknet_triton.device import TRITON_INSTALLED, uses_triton
-from sknet_triton.layout import branch_views, empty_branch_grads, expanded_branch_grads, kernel_layout
+from sknet_triton.layout import branch_views, empty_branch_grads, expanded_branch_grads
 from sknet_triton.ops import launch
 from sknet_triton.ops.checks import Branches, check_branches, check_prologue
 
@@ -64,13 +65,13 @@ def fuse_relu_backward(
     grad_s: Tensor, branches: Sequence[Tensor], scale: Optional[Tensor], bias: Optional[Tensor]
 ) -> list[Tensor]:
     """Branch gradients of :func:`fuse_forward` with relu=True for float32 [B, C] ``grad_s``, structured as
-    ``branches`` and dense in the layout the kernels read them in."""
+    ``branches`` (:func:`sknet_triton.layout.empty_branch_grads`)."""
     j = launch.job(branches)
-    grads = empty_branch_grads(branches, j.channels_last)
+    grads = empty_branch_grads(branches)
     if j.shape[0]:
         grad_views = branch_views(grads)
         launch.launch_branches(FUSE_RELU_BACKWARD, j, grad_s.float().contiguous(), *j.grad_pointers(grad_views),
-                               grad_views[0].stride(0), prologue=(scale, bias))
+                               *launch.grad_strides(grad_views), prologue=(scale, bias))
     return grads
 
 
@@ -90,7 +91,7 @@ def _sk_fuse_op(branches: list[Tensor], scale: Optional[Tensor], bias: Optional[
 
 
 def _fuse_relu_backward_shape(grad_s, branches, scale, bias):
-    return empty_branch_grads(branches, kernel_layout(branches))
+    return empty_branch_grads(branches)
 
 
 @launch.operator("sk_fuse_relu_backward", _fuse_relu_backward_shape)
@@ -144,6 +145,7 @@ class _EagerFuse(torch.autograd.Function):
         return fuse_forward(branches, scale, bias, relu)
 
     @staticmethod
+    @once_differentiable  # the backward launches record no graph: a double backward raises, never silently wrong
     def backward(ctx, grad_s):
         return None, None, None, *_branch_grads(ctx, grad_s)
 

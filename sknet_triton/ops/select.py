@@ -6,6 +6,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from sknet_triton import reference
 from sknet_triton.device import TRITON_INSTALLED, uses_triton
@@ -58,12 +59,12 @@ def sk_select(
 def select_forward(
     branches: Sequence[Tensor], logits: Tensor, scale: Optional[Tensor], bias: Optional[Tensor], relu: bool
 ) -> Tensor:
-    """out [B, C, H, W] of M branches (or one stacked [B, M, C, H, W]) and logits [B, M, C], dense in the
-    branches' layout."""
+    """out [B, C, H, W] of M branches (or one stacked [B, M, C, H, W]) and logits [B, M, C] (any strides,
+    read where they lie), dense in the branches' layout."""
     j = launch.job(branches)
     out = empty_images(j.views[0], j.channels_last)
     if j.shape[0]:
-        launch.launch_branches(SELECT_FORWARD, j, logits.contiguous(), out, out.stride(0), prologue=(scale, bias),
+        launch.launch_branches(SELECT_FORWARD, j, logits, out, *logits.stride(), out.stride(0), prologue=(scale, bias),
                                RELU=relu)
     return out
 
@@ -77,16 +78,17 @@ def select_backward(
     relu: bool,
 ) -> list[Tensor]:
     """Gradients of :func:`select_forward` for ``grad_out`` [B, C, H, W]: the branch gradients structured as
-    ``branches``, then dlogits [B, M, C] in the logits' dtype."""
+    ``branches`` (:func:`sknet_triton.layout.empty_branch_grads`), then dlogits [B, M, C] in the logits'
+    dtype, contiguous."""
     j = launch.job(branches)
-    grads = empty_branch_grads(branches, j.channels_last)
+    grads = empty_branch_grads(branches)
     dlogits = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
     if j.shape[0]:
         grad_out = grad_out.contiguous(memory_format=j.memory_format)
         grad_views = branch_views(grads)
         launch.launch_branches(
-            SELECT_BACKWARD, j, logits.contiguous(), grad_out, *j.grad_pointers(grad_views), dlogits,
-            grad_out.stride(0), grad_views[0].stride(0), prologue=(scale, bias), RELU=relu,
+            SELECT_BACKWARD, j, logits, grad_out, *j.grad_pointers(grad_views), dlogits, *logits.stride(),
+            grad_out.stride(0), *launch.grad_strides(grad_views), prologue=(scale, bias), RELU=relu,
         )
     return grads + [dlogits.to(logits.dtype)]
 
@@ -109,7 +111,7 @@ def _sk_select_op(
 
 def _select_backward_shape(grad_out, branches, logits, scale, bias, relu):
     dlogits = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    return empty_branch_grads(branches, kernel_layout(branches)) + [dlogits]
+    return empty_branch_grads(branches) + [dlogits]
 
 
 @launch.operator("sk_select_backward", _select_backward_shape)
@@ -159,6 +161,7 @@ class _EagerSelect(torch.autograd.Function):
         return select_forward(branches, logits, scale, bias, relu)
 
     @staticmethod
+    @once_differentiable  # the backward launches record no graph: a double backward raises, never silently wrong
     def backward(ctx, grad_out):
         *grads, dlogits = _grads(ctx, grad_out)
         return dlogits, None, None, None, *grads
