@@ -28,7 +28,9 @@ import io
 import itertools
 import os
 import re
+import subprocess
 import sys
+import tempfile
 import dataclasses
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -60,6 +62,10 @@ _AMD_LOAD_BYTES = {"dwordx4": 16, "dwordx3": 12, "dwordx2": 8, "dword": 4, "usho
                    "short_d16_hi": 2, "ubyte": 1, "sbyte": 1, "ubyte_d16": 1, "ubyte_d16_hi": 1, "sbyte_d16": 1,
                    "sbyte_d16_hi": 1, "b128": 16, "b96": 12, "b64": 8, "b32": 4, "u16": 2, "i16": 2, "d16_b16": 2,
                    "d16_hi_b16": 2, "u8": 1, "i8": 1}
+# One SASS instruction in nvdisasm's listing: /*0a30*/ followed by the instruction.
+_SASS_INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+[A-Z@]", re.MULTILINE)
+# One AMDGCN instruction: an indented mnemonic (directives start with '.', labels end with ':').
+_AMD_INSTRUCTION = re.compile(r"^\s+(?!\.)[a-z_][a-z0-9_]*(?:\s|$)(?!.*:\s*$)", re.MULTILINE)
 # The code object's metadata: ``.<name>: <count>`` for VGPRs, SGPRs, their spills and the scratch per thread.
 _AMD_USAGE = ("vgpr_count", "sgpr_count", "vgpr_spill_count", "sgpr_spill_count", "private_segment_fixed_size")
 _AMD_METADATA = re.compile(rf"\.({'|'.join(_AMD_USAGE)}):\s+(\d+)")
@@ -83,6 +89,7 @@ class Resources:
     shared_limit: int  # shared memory (LDS) the chip allows one block (workgroup)
     widest_load_bytes: int
     vector_bytes: int  # what the widest load should be: each thread's share of one tile, at most 16 (0: no rule)
+    instructions: int = 0  # machine instructions of the kernel: SASS (NVIDIA), AMDGCN (AMD); 0: not counted
 
     @property
     def spills(self) -> bool:
@@ -219,6 +226,24 @@ def amd_usage(amdgcn: str) -> dict:
     return usage
 
 
+def sass_instructions(cubin: bytes) -> int:
+    """The SASS instructions of a cubin, as the nvdisasm Triton ships disassembles it (one line per
+    instruction, each starting with its address comment)."""
+    import triton
+
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        listing = subprocess.run([str(nvdisasm), f.name], capture_output=True, text=True, check=True).stdout
+    return len(_SASS_INSTRUCTION.findall(listing))
+
+
+def amdgcn_instructions(amdgcn: str) -> int:
+    """The instructions of an AMDGCN listing: its lines that are neither directives, labels nor comments."""
+    return len(_AMD_INSTRUCTION.findall(amdgcn))
+
+
 def in_sample(spec) -> bool:
     """Whether a specialization is in the test suite's sample (tests/test_aot.py): SKNet's M = 2 in bfloat16,
     the models' training dtype, in every family, configuration, tile shape and flag (the split kernel, whose
@@ -260,15 +285,18 @@ def compile_specialization(index: int, arch: str) -> Resources:
         registers, stores, loads = _ptxas_usage(log.getvalue())
         amd = dict(scalar_registers=0, vgpr_spills=0, sgpr_spills=0, scratch_bytes=0)
         widest = widest_global_load(compiled.asm["ptx"])
+        instructions = sass_instructions(compiled.asm["cubin"])
     else:
         usage = amd_usage(compiled.asm["amdgcn"])
         registers, stores, loads = usage["vgpr_count"], 0, 0
         amd = dict(scalar_registers=usage["sgpr_count"], vgpr_spills=usage["vgpr_spill_count"],
                    sgpr_spills=usage["sgpr_spill_count"], scratch_bytes=usage["private_segment_fixed_size"])
         widest = widest_amd_load(compiled.asm["amdgcn"])
+        instructions = amdgcn_instructions(compiled.asm["amdgcn"])
     return Resources(spec.name, chip.name, registers, spill_stores=stores, spill_loads=loads, **amd,
                      shared_bytes=compiled.metadata.shared, shared_limit=chip.shared_bytes,
-                     widest_load_bytes=widest, vector_bytes=vector_bytes(spec, chip.warp_size))
+                     widest_load_bytes=widest, vector_bytes=vector_bytes(spec, chip.warp_size),
+                     instructions=instructions)
 
 
 def selected(families=None, sample: bool = False, representatives: bool = False) -> list[int]:
@@ -313,7 +341,8 @@ def write_table(results: list[Resources], path: Path) -> None:
 
 
 def read_table(path: Path) -> list[Resources]:
-    """The results a :func:`write_table` file holds."""
+    """The results a :func:`write_table` file holds (a table written before the instructions column has
+    them as 0, not counted)."""
     with Path(path).open(newline="") as f:
         return [Resources(row.pop("kernel"), row.pop("arch"), **{key: int(value) for key, value in row.items()})
                 for row in csv.DictReader(f)]

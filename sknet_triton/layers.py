@@ -15,9 +15,10 @@ from sknet_triton import ops, reference
 from sknet_triton.attention import AttnWidth, SKAttention, attn_channels
 from sknet_triton.checks import check_bool, check_int, is_integer
 from sknet_triton.device import uses_triton
-from sknet_triton.graph_ops import sk_fuse, sk_select
 from sknet_triton.ops.batchnorm import batchnorm_affine, sk_fuse_bn, sk_select_bn
+from sknet_triton.ops.fuse import graph_sk_fuse
 from sknet_triton.ops.launch import MAX_BRANCHES, refuse_jit_trace
+from sknet_triton.ops.select import graph_sk_select
 from sknet_triton.ops.split import prefers_split_kernel, sk_split, split_geometry_problem
 
 __all__ = ["SKConv", "ConvBnAct", "UnitPath", "set_backend", "set_split_conv", "BACKENDS", "SPLIT_CONVS"]
@@ -30,11 +31,11 @@ BACKENDS = ("auto", "torch")
 # "triton": always the split kernel; "cudnn": always the paths' own convolutions.
 SPLIT_CONVS = ("auto", "triton", "cudnn")
 
-# One node each in any torch.fx graph of an SKConv, calls that TorchScript compiles when the graph is scripted
-# (graph_ops); the fused ops' kernels cannot be traced. BatchNorm's statistics become graph inputs (read by
+# One node each in any torch.fx graph of an SKConv, calls that TorchScript compiles when the graph is
+# scripted; the fused ops' kernels cannot be traced. BatchNorm's statistics become graph inputs (read by
 # an fx tracer, they would be recorded as constants).
-torch.fx.wrap("sk_fuse")
-torch.fx.wrap("sk_select")
+torch.fx.wrap("graph_sk_fuse")
+torch.fx.wrap("graph_sk_select")
 torch.fx.wrap("batchnorm_affine")
 
 
@@ -202,15 +203,15 @@ class SKConv(nn.Module):
     def _forward_ops(self, x: Tensor) -> Tensor:
         """UnitPath.OPS: the paths whole, then the fused ops."""
         branches = self._run_paths(self._path_inputs(x))
-        return sk_select(branches, self.attn(sk_fuse(branches)))
+        return graph_sk_select(branches, self.attn(graph_sk_fuse(branches)))
 
     def _forward_folded_batchnorm(self, x: Tensor) -> Tensor:
         """UnitPath.FOLDED_BATCHNORM: the convolutions, then the fused ops with each path's eval-mode BatchNorm
         and ReLU as their prologue."""
         branches = [path.conv(xi) for path, xi in zip(self.paths, self._path_inputs(x))]
         scale, bias = self._folded_batchnorm()
-        s = sk_fuse(branches, scale, bias, True)
-        return sk_select(branches, self.attn(s), scale, bias, True)
+        s = graph_sk_fuse(branches, scale, bias, True)
+        return graph_sk_select(branches, self.attn(s), scale, bias, True)
 
     def _forward_batch_statistics(self, x: Tensor) -> Tensor:
         """UnitPath.BATCH_STATISTICS: the convolutions, then the fused ops with each path's BatchNorm (batch

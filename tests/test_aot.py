@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from perf import aot
@@ -41,6 +42,7 @@ def compile_check(tmp_path, record_property, *options) -> list:
     assert not any(r.spills or r.over_shared for r in rows)
     assert all(r.widest_load_bytes >= r.vector_bytes for r in rows)
     assert all(0 < r.shared_limit == TARGETS[r.arch].shared_bytes for r in rows)
+    assert all(r.instructions > 100 for r in rows), "every kernel's machine instructions are counted"
     return rows
 
 
@@ -85,3 +87,25 @@ def test_problems_name_each_limit_crossed():
         assert words in line and "gfx942" in line
     [line] = aot.problems([dataclasses.replace(fits, arch="sm_90", spill_loads=4)])
     assert "4 B loaded" in line
+
+
+def test_the_comparison_matches_specializations_and_fails_on_a_spill_gained(tmp_path):
+    """perf/aot_compare.py sets two tables side by side by target and specialization, lists growth beyond
+    5 %, and fails exactly when a specialization spills where it did not."""
+    fits = aot.Resources("k[bf16,M=2]", "sm_90", 64, 0, 0, 0, 0, 0, 0, 1024, 232448, 16, 16, instructions=1000)
+    other = dataclasses.replace(fits, kernel="k[bf16,M=3]")
+    before, after = tmp_path / "before.csv", tmp_path / "after.csv"
+    aot.write_table([fits, other, dataclasses.replace(fits, arch="sm_80")], before)
+
+    def run(*rows):
+        aot.write_table(list(rows), after)
+        return subprocess.run([sys.executable, str(ROOT / "perf" / "aot_compare.py"), str(before), str(after),
+                               "--out", str(tmp_path / "side_by_side.csv")], capture_output=True, text=True, cwd=ROOT)
+
+    grown = run(dataclasses.replace(fits, registers=72, instructions=1040), other)
+    assert grown.returncode == 0, grown.stdout + grown.stderr
+    assert "1 specializations grew by more than 5 %" in grown.stdout and "k[bf16,M=2]" in grown.stdout
+    table = pd.read_csv(tmp_path / "side_by_side.csv")
+    assert len(table) == 2 and set(table["registers %"].round(1)) == {12.5, 0.0}
+    spilled = run(fits, dataclasses.replace(other, spill_stores=8, spill_loads=8))
+    assert spilled.returncode == 1 and "spill where they did not" in spilled.stdout

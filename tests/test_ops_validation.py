@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from sknet_triton import device, families, graph_ops, ops, reference
+from sknet_triton import device, families, ops, reference
 from sknet_triton.ops import launch
 
 
@@ -95,7 +95,7 @@ def test_one_device_rule():
 
     assert device.INTERPRETED is bool(split.INTERPRETED.value) and launch.INTERPRETED is device.INTERPRETED
     assert ops.uses_triton is device.uses_triton and ops.kernel_path is device.kernel_path
-    assert graph_ops.KERNEL_DEVICE_TYPES is device.KERNEL_DEVICE_TYPES
+    assert ops.fuse.KERNEL_DEVICE_TYPES is ops.select.KERNEL_DEVICE_TYPES is device.KERNEL_DEVICE_TYPES
     for kind in ("cpu", "cuda", "meta"):
         assert (kind in device.KERNEL_DEVICE_TYPES) == device.uses_triton(torch.device(kind))
     assert device.uses_triton(torch.device("cuda")) and not device.uses_triton(torch.device("meta"))

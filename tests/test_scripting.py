@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from sknet_triton import SKConv, accelerate, create_model, graph_ops, list_models, ops, set_backend
+from sknet_triton import SKConv, accelerate, create_model, list_models, ops, set_backend
 from sknet_triton.ops.batchnorm import batchnorm_affine
 from tests.helpers import DEVICE, requires_kernels
 from tests.model_helpers import (
@@ -83,8 +83,8 @@ def assert_one_node_per_op(graph_module, model) -> None:
     """On the "auto" backend, each SK unit's fuse and select are one call each in the fx graph."""
     targets = [node.target for node in graph_module.graph.nodes if node.op == "call_function"]
     units = count_skconvs(model) if uses_auto(model) else 0
-    assert targets.count(graph_ops.sk_fuse) == units
-    assert targets.count(graph_ops.sk_select) == units
+    assert targets.count(ops.fuse.graph_sk_fuse) == units
+    assert targets.count(ops.select.graph_sk_select) == units
 
 
 def uses_auto(model) -> bool:

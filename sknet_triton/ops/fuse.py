@@ -2,17 +2,21 @@
 and kernel families (device code: ``kernels/fuse.py``)."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import sys
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from sknet_triton import reference
-from sknet_triton.device import TRITON_INSTALLED, uses_triton
+from sknet_triton.device import KERNEL_DEVICE_TYPES, TRITON_INSTALLED, uses_triton
 from sknet_triton.layout import branch_views, empty_branch_grads, expanded_branch_grads
 from sknet_triton.ops import launch
 from sknet_triton.ops.checks import Branches, check_branches, check_prologue
+
+# TorchScript reads a module-level constant only as an attribute of a module object.
+_this_module = sys.modules[__name__]
 
 if TRITON_INSTALLED:
     from sknet_triton.kernels.fuse import sk_fuse_bwd_kernel, sk_fuse_fwd_kernel
@@ -45,6 +49,21 @@ def sk_fuse(
     if launch.records_grad(tensors):
         return _EagerFuse.apply(scale, bias, relu, *tensors)
     return fuse_forward(tensors, scale, bias, relu)
+
+
+def graph_sk_fuse(
+    branches: List[Tensor], scale: Optional[Tensor] = None, bias: Optional[Tensor] = None, relu: bool = False
+) -> Tensor:
+    """:func:`sk_fuse` of M branches [B, C, H, W] as SKConv's fused-ops paths call it: one node in a torch.fx
+    graph (``sknet_triton.layers`` wraps it), compiled by TorchScript, which compiles neither the validation
+    nor the eager launch; scripted, it calls the registered operator where the device's type is in
+    :data:`sknet_triton.device.KERNEL_DEVICE_TYPES` and the reference elsewhere, unvalidated (SKConv builds
+    the inputs)."""
+    if torch.jit.is_scripting():
+        if branches[0].device.type in _this_module.KERNEL_DEVICE_TYPES:
+            return torch.ops.sknet_triton.sk_fuse(branches, scale, bias, relu)
+        return reference.sk_fuse(branches, scale, bias, relu)
+    return sk_fuse(branches, scale, bias, relu)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -2,17 +2,21 @@
 autograd and kernel families (device code: ``kernels/select.py``)."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import sys
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from sknet_triton import reference
-from sknet_triton.device import TRITON_INSTALLED, uses_triton
+from sknet_triton.device import KERNEL_DEVICE_TYPES, TRITON_INSTALLED, uses_triton
 from sknet_triton.layout import branch_views, empty_branch_grads, empty_images, kernel_layout
 from sknet_triton.ops import launch
 from sknet_triton.ops.checks import Branches, check_branches, check_logits, check_prologue
+
+# TorchScript reads a module-level constant only as an attribute of a module object.
+_this_module = sys.modules[__name__]
 
 if TRITON_INSTALLED:
     from sknet_triton.kernels.select import sk_select_bwd_kernel, sk_select_fwd_kernel
@@ -50,6 +54,22 @@ def sk_select(
     if launch.records_grad([*tensors, logits]):
         return _EagerSelect.apply(logits, scale, bias, relu, *tensors)
     return select_forward(tensors, logits, scale, bias, relu)
+
+
+def graph_sk_select(
+    branches: List[Tensor],
+    logits: Tensor,
+    scale: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    relu: bool = False,
+) -> Tensor:
+    """:func:`sk_select` of M branches [B, C, H, W] and logits [B, M, C] as SKConv's fused-ops paths call it:
+    one torch.fx node that TorchScript compiles, as :func:`sknet_triton.ops.fuse.graph_sk_fuse` is."""
+    if torch.jit.is_scripting():
+        if branches[0].device.type in _this_module.KERNEL_DEVICE_TYPES:
+            return torch.ops.sknet_triton.sk_select(branches, logits, scale, bias, relu)
+        return reference.sk_select(branches, logits, scale, bias, relu)
+    return sk_select(branches, logits, scale, bias, relu)
 
 
 # --------------------------------------------------------------------------------------------------------
