@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 
 from .tile import (
-    add_softmax_grad_share, branch_pointers, dense_line, per_branch_vectors, program_tile, softmax_weights, tile_at,
-    tile_axes, tile_mask,
+    add_softmax_grad_share, branch_pointers, per_branch_vectors, program_tile, softmax_weights, tile_mask,
+    tile_offsets,
 )
 
 
@@ -58,12 +58,12 @@ def _tile_moments(ptrs, mask, count, mean_a, m2_a, count_a):
 def sk_bn_stats_kernel(
     u0_ptr, u1_ptr, u2_ptr, u3_ptr,  # raw branches Y_m [B, C, H, W] (no prologue); the first M are read
     mean_ptr, m2_ptr,  # out: float32 [M, B * splits, C], one partial per program and branch
-    C, HW, stride_u, line_u, chunk,
+    C, HW, stride_u, chunk,
     M: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     b, c, c_mask, hw_lo, hw_hi = program_tile(C, HW, chunk, BLOCK_C)
-    c_u, step_u = tile_axes(c, line_u, CHANNELS_LAST)
+    offs, hw_step = tile_offsets(c, C, HW, CHANNELS_LAST, BLOCK_HW)
     us = branch_pointers(u0_ptr, u1_ptr, u2_ptr, u3_ptr, b * stride_u, M)
 
     means = ()
@@ -74,7 +74,7 @@ def sk_bn_stats_kernel(
     seen = 0.0
     for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
         mask = tile_mask(c_mask, hw0, hw_hi, BLOCK_HW)
-        at = tile_at(c_u, step_u, hw0, BLOCK_HW)
+        at = hw0 * hw_step + offs
         count = tl.minimum(hw_hi - hw0, BLOCK_HW).to(tl.float32)
         merged_means = ()
         merged_m2s = ()
@@ -130,17 +130,16 @@ def sk_select_bn_bwd_kernel(
     scale_ptr, bias_ptr,  # float32 [M, C]: the prologue's scale and shift
     mean_ptr, rstd_ptr,  # float32 [M, C]: batch mean and 1 / sqrt(var + eps)
     logits_ptr,  # [B, M, C], element strides stride_lb, stride_lm, stride_lc
-    dv_ptr,  # [B, C, H, W]: gradient of the select output, dense in the branches' layout, batch stride stride_dv
+    dv_ptr,  # [B, C, H, W]: gradient of the select output, in the branches' layout, batch stride stride_dv
     dlogits_ptr,  # float32 [B, M, C], contiguous and zeroed: each program adds its chunk's share
     sums_ptr,  # float32 [4, B, M, C], zeroed: each program adds its chunk's share of the four sums
     stride_lb, stride_lm, stride_lc, stride_dv,
-    C, HW, stride_u, line_u, chunk,
+    C, HW, stride_u, chunk,
     M: tl.constexpr, AFFINE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     b, c, c_mask, hw_lo, hw_hi = program_tile(C, HW, chunk, BLOCK_C)
-    c_u, step_u = tile_axes(c, line_u, CHANNELS_LAST)
-    c_dv, step_dv = tile_axes(c, dense_line(C, HW, CHANNELS_LAST), CHANNELS_LAST)
+    offs, hw_step = tile_offsets(c, C, HW, CHANNELS_LAST, BLOCK_HW)
     a = softmax_weights(logits_ptr, stride_lb, stride_lm, stride_lc, b, c, c_mask, M)
     scales, shifts = per_branch_vectors(scale_ptr, bias_ptr, c, c_mask, C, M, AFFINE)
     means, rstds = per_branch_vectors(mean_ptr, rstd_ptr, c, c_mask, C, M, True)
@@ -161,8 +160,8 @@ def sk_select_bn_bwd_kernel(
         x_on = x_on + (tl.zeros([BLOCK_C, BLOCK_HW], tl.float32),)
     for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
         mask = tile_mask(c_mask, hw0, hw_hi, BLOCK_HW)
-        at = tile_at(c_u, step_u, hw0, BLOCK_HW)
-        dv = tl.load(dv_ptr + tile_at(c_dv, step_dv, hw0, BLOCK_HW), mask=mask, other=0.0).to(tl.float32)
+        at = hw0 * hw_step + offs
+        dv = tl.load(dv_ptr + at, mask=mask, other=0.0).to(tl.float32)
         new_g = ()
         new_dv_on = ()
         new_dv_x_on = ()
@@ -207,30 +206,27 @@ def sk_fuse_bn_bwd_kernel(
     alpha_ptr, offset_ptr,  # float32 [M, C]: BatchNorm's backward through the batch statistics
     logits_ptr,  # [B, M, C], element strides stride_lb, stride_lm, stride_lc
     ds_ptr,  # float32 [B, C]: gradient of s
-    dv_ptr,  # [B, C, H, W]: gradient of the select output, dense in the branches' layout, batch stride stride_dv
-    du0_ptr, du1_ptr, du2_ptr, du3_ptr,  # out: gradients of Y_m, batch stride stride_du, line stride line_du
-    stride_lb, stride_lm, stride_lc, stride_dv, stride_du, line_du,
-    C, HW, stride_u, line_u, chunk,
+    dv_ptr,  # [B, C, H, W]: gradient of the select output, in the branches' layout, batch stride stride_dv
+    du0_ptr, du1_ptr, du2_ptr, du3_ptr,  # out: gradients of Y_m, each with batch stride stride_du
+    stride_lb, stride_lm, stride_lc, stride_dv, stride_du,
+    C, HW, stride_u, chunk,
     M: tl.constexpr, AFFINE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     b, c, c_mask, hw_lo, hw_hi = program_tile(C, HW, chunk, BLOCK_C)
-    c_u, step_u = tile_axes(c, line_u, CHANNELS_LAST)
-    c_dv, step_dv = tile_axes(c, dense_line(C, HW, CHANNELS_LAST), CHANNELS_LAST)
+    offs, hw_step = tile_offsets(c, C, HW, CHANNELS_LAST, BLOCK_HW)
     a = softmax_weights(logits_ptr, stride_lb, stride_lm, stride_lc, b, c, c_mask, M)
     grad_s = tl.load(ds_ptr + b * C + c, mask=c_mask, other=0.0) / HW
     scales, shifts = per_branch_vectors(scale_ptr, bias_ptr, c, c_mask, C, M, AFFINE)
     alphas, offsets = per_branch_vectors(alpha_ptr, offset_ptr, c, c_mask, C, M, True)
-    c_du, step_du = tile_axes(c, line_du, CHANNELS_LAST)
     us = branch_pointers(u0_ptr, u1_ptr, u2_ptr, u3_ptr, b * stride_u, M)
     dus = branch_pointers(du0_ptr, du1_ptr, du2_ptr, du3_ptr, b * stride_du, M)
     dv_ptr += b * stride_dv
 
     for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
         mask = tile_mask(c_mask, hw0, hw_hi, BLOCK_HW)
-        at = tile_at(c_u, step_u, hw0, BLOCK_HW)
-        dv = tl.load(dv_ptr + tile_at(c_dv, step_dv, hw0, BLOCK_HW), mask=mask, other=0.0).to(tl.float32)
-        at_du = tile_at(c_du, step_du, hw0, BLOCK_HW)
+        at = hw0 * hw_step + offs
+        dv = tl.load(dv_ptr + at, mask=mask, other=0.0).to(tl.float32)
         for m in tl.static_range(M):
-            _branch_input_grad(dus[m] + at_du, us[m] + at, dv, mask, a[m], grad_s, scales[m], shifts[m], alphas[m],
+            _branch_input_grad(dus[m] + at, us[m] + at, dv, mask, a[m], grad_s, scales[m], shifts[m], alphas[m],
                                offsets[m])

@@ -11,7 +11,7 @@ reaches a kernel (see sknet_triton.ops).
 import triton
 import triton.language as tl
 
-from .tile import branch_pointers, load_branch, per_branch_vectors, program_tile, tile_at, tile_axes, tile_mask
+from .tile import branch_pointers, load_branch, per_branch_vectors, program_tile, tile_mask, tile_offsets
 
 
 @triton.jit
@@ -19,20 +19,20 @@ def sk_fuse_fwd_kernel(
     u0_ptr, u1_ptr, u2_ptr, u3_ptr,  # branches [B, C, H, W]; the first M are read
     scale_ptr, bias_ptr,  # float32 [M, C], read when AFFINE
     s_ptr,  # float32 [B, C], zeroed: each program adds its chunk's share
-    C, HW, stride_u, line_u, chunk,
+    C, HW, stride_u, chunk,
     M: tl.constexpr, AFFINE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
     RELU: tl.constexpr,
 ):
     b, c, c_mask, hw_lo, hw_hi = program_tile(C, HW, chunk, BLOCK_C)
-    c_u, step_u = tile_axes(c, line_u, CHANNELS_LAST)
+    offs, hw_step = tile_offsets(c, C, HW, CHANNELS_LAST, BLOCK_HW)
     scales, biases = per_branch_vectors(scale_ptr, bias_ptr, c, c_mask, C, M, AFFINE)
     us = branch_pointers(u0_ptr, u1_ptr, u2_ptr, u3_ptr, b * stride_u, M)
 
     acc = tl.zeros([BLOCK_C, BLOCK_HW], tl.float32)
     for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
         mask = tile_mask(c_mask, hw0, hw_hi, BLOCK_HW)
-        at = tile_at(c_u, step_u, hw0, BLOCK_HW)
+        at = hw0 * hw_step + offs
         for m in tl.static_range(M):
             acc += load_branch(us[m] + at, mask, scales[m], biases[m], AFFINE, RELU)
 
@@ -51,15 +51,14 @@ def sk_fuse_bwd_kernel(
     u0_ptr, u1_ptr, u2_ptr, u3_ptr,  # branches, as in the forward
     scale_ptr, bias_ptr,
     ds_ptr,  # float32 [B, C]: gradient of s
-    du0_ptr, du1_ptr, du2_ptr, du3_ptr,  # out: branch gradients, batch stride stride_du, line stride line_du
-    stride_du, line_du,
-    C, HW, stride_u, line_u, chunk,
+    du0_ptr, du1_ptr, du2_ptr, du3_ptr,  # out: branch gradients, each with batch stride stride_du
+    stride_du,
+    C, HW, stride_u, chunk,
     M: tl.constexpr, AFFINE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     b, c, c_mask, hw_lo, hw_hi = program_tile(C, HW, chunk, BLOCK_C)
-    c_u, step_u = tile_axes(c, line_u, CHANNELS_LAST)
-    c_du, step_du = tile_axes(c, line_du, CHANNELS_LAST)
+    offs, hw_step = tile_offsets(c, C, HW, CHANNELS_LAST, BLOCK_HW)
     grad = tl.load(ds_ptr + b * C + c, mask=c_mask, other=0.0) / HW
     scales, biases = per_branch_vectors(scale_ptr, bias_ptr, c, c_mask, C, M, AFFINE)
     us = branch_pointers(u0_ptr, u1_ptr, u2_ptr, u3_ptr, b * stride_u, M)
@@ -67,6 +66,6 @@ def sk_fuse_bwd_kernel(
 
     for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
         mask = tile_mask(c_mask, hw0, hw_hi, BLOCK_HW)
-        at = tile_at(c_u, step_u, hw0, BLOCK_HW)
+        at = hw0 * hw_step + offs
         for m in tl.static_range(M):
-            _relu_grad(dus[m] + tile_at(c_du, step_du, hw0, BLOCK_HW), us[m] + at, mask, grad * scales[m], scales[m], biases[m], AFFINE)
+            _relu_grad(dus[m] + at, us[m] + at, mask, grad * scales[m], scales[m], biases[m], AFFINE)

@@ -12,8 +12,8 @@ import triton
 import triton.language as tl
 
 from .tile import (
-    add_softmax_grad_share, branch_pointers, dense_line, load_branch, per_branch_vectors, program_tile,
-    softmax_weights, tile_at, tile_axes, tile_mask,
+    add_softmax_grad_share, branch_pointers, load_branch, per_branch_vectors, program_tile, softmax_weights,
+    tile_mask, tile_offsets,
 )
 
 
@@ -24,14 +24,13 @@ def sk_select_fwd_kernel(
     logits_ptr,  # [B, M, C], element strides stride_lb, stride_lm, stride_lc
     out_ptr,  # [B, C, H, W] out, dense in the branches' layout, batch stride stride_out
     stride_lb, stride_lm, stride_lc, stride_out,
-    C, HW, stride_u, line_u, chunk,
+    C, HW, stride_u, chunk,
     M: tl.constexpr, AFFINE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
     RELU: tl.constexpr,
 ):
     b, c, c_mask, hw_lo, hw_hi = program_tile(C, HW, chunk, BLOCK_C)
-    c_u, step_u = tile_axes(c, line_u, CHANNELS_LAST)
-    c_out, step_out = tile_axes(c, dense_line(C, HW, CHANNELS_LAST), CHANNELS_LAST)
+    offs, hw_step = tile_offsets(c, C, HW, CHANNELS_LAST, BLOCK_HW)
     a = softmax_weights(logits_ptr, stride_lb, stride_lm, stride_lc, b, c, c_mask, M)
     # a * relu(scale * U + bias) = relu(a * scale * U + a * bias) as a >= 0: the softmax weight joins the
     # prologue, and each branch keeps two per-channel vectors instead of three.
@@ -46,11 +45,11 @@ def sk_select_fwd_kernel(
 
     for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
         mask = tile_mask(c_mask, hw0, hw_hi, BLOCK_HW)
-        at = tile_at(c_u, step_u, hw0, BLOCK_HW)
+        at = hw0 * hw_step + offs
         v = load_branch(us[0] + at, mask, weighted_scales[0], weighted_biases[0], True, RELU)
         for m in tl.static_range(1, M):
             v += load_branch(us[m] + at, mask, weighted_scales[m], weighted_biases[m], True, RELU)
-        tl.store(out_ptr + tile_at(c_out, step_out, hw0, BLOCK_HW), v.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + at, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -70,18 +69,16 @@ def sk_select_bwd_kernel(
     scale_ptr, bias_ptr,
     logits_ptr,  # [B, M, C], element strides stride_lb, stride_lm, stride_lc
     dv_ptr,  # [B, C, H, W]: gradient of the output, dense in the branches' layout, batch stride stride_dv
-    du0_ptr, du1_ptr, du2_ptr, du3_ptr,  # out: branch gradients, batch stride stride_du, line stride line_du
+    du0_ptr, du1_ptr, du2_ptr, du3_ptr,  # out: branch gradients, each with batch stride stride_du
     dlogits_ptr,  # float32 [B, M, C], contiguous and zeroed: each program adds its chunk's share
-    stride_lb, stride_lm, stride_lc, stride_dv, stride_du, line_du,
-    C, HW, stride_u, line_u, chunk,
+    stride_lb, stride_lm, stride_lc, stride_dv, stride_du,
+    C, HW, stride_u, chunk,
     M: tl.constexpr, AFFINE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
     RELU: tl.constexpr,
 ):
     b, c, c_mask, hw_lo, hw_hi = program_tile(C, HW, chunk, BLOCK_C)
-    c_u, step_u = tile_axes(c, line_u, CHANNELS_LAST)
-    c_dv, step_dv = tile_axes(c, dense_line(C, HW, CHANNELS_LAST), CHANNELS_LAST)
-    c_du, step_du = tile_axes(c, line_du, CHANNELS_LAST)
+    offs, hw_step = tile_offsets(c, C, HW, CHANNELS_LAST, BLOCK_HW)
     a = softmax_weights(logits_ptr, stride_lb, stride_lm, stride_lc, b, c, c_mask, M)
     scales, biases = per_branch_vectors(scale_ptr, bias_ptr, c, c_mask, C, M, AFFINE)
     us = branch_pointers(u0_ptr, u1_ptr, u2_ptr, u3_ptr, b * stride_u, M)
@@ -93,12 +90,11 @@ def sk_select_bwd_kernel(
         g = g + (tl.zeros([BLOCK_C, BLOCK_HW], tl.float32),)
     for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
         mask = tile_mask(c_mask, hw0, hw_hi, BLOCK_HW)
-        at = tile_at(c_u, step_u, hw0, BLOCK_HW)
-        dv = tl.load(dv_ptr + tile_at(c_dv, step_dv, hw0, BLOCK_HW), mask=mask, other=0.0).to(tl.float32)
-        at_du = tile_at(c_du, step_du, hw0, BLOCK_HW)
+        at = hw0 * hw_step + offs
+        dv = tl.load(dv_ptr + at, mask=mask, other=0.0).to(tl.float32)
         summed = ()
         for m in tl.static_range(M):
-            summed = summed + (g[m] + _branch_grad(dus[m] + at_du, us[m] + at, dv, mask, a[m], scales[m], biases[m],
+            summed = summed + (g[m] + _branch_grad(dus[m] + at, us[m] + at, dv, mask, a[m], scales[m], biases[m],
                                                    AFFINE, RELU),)
         g = summed
 

@@ -10,21 +10,19 @@ Every kernel over the branches takes its arguments in one order, which the launc
    ``scale_ptr, bias_ptr`` (:data:`PROLOGUE_ARGS`), read when the constexpr ``AFFINE`` is set; a family
    without one (the BatchNorm statistics read the raw branches) takes neither, nor ``AFFINE``;
 3. the kernel's own tensors and scalars;
-4. :data:`SHAPE_ARGS`, ``C, HW, stride_u, line_u, chunk``;
+4. :data:`SHAPE_ARGS`, ``C, HW, stride_u, chunk``;
 5. the constexprs :data:`CONSTEXPR_ARGS` (``M``, ``AFFINE`` where there is a prologue, ``CHANNELS_LAST,
    BLOCK_C, BLOCK_HW``), then the kernel's own flags.
 
 Every kernel walks the same work decomposition: one program per (image b, block of BLOCK_C channels,
-chunk of the H*W positions), visiting its chunk in [BLOCK_C, BLOCK_HW] tiles. One image of a branch is a
-[C, HW] matrix with contiguous positions (NCHW) or an [HW, C] matrix with contiguous channels
-(channels_last); ``line_u`` is the stride of its other axis: HW or C for a dense image, M * C for a
-channels_last channel slice of one [B, M * C, H, W] tensor. CHANNELS_LAST picks which axis is
-contiguous, so the compiler sees it and vectorises along it. The branches' gradients have a line stride
-of their own (``line_du``: a stacked view's gradient keeps the view's strides), and the kernels' other
-images (the select's output, dV) are dense. An image holds fewer than 2**31 elements (the ops check), so
-offsets within one are 32-bit. Anything that grows with the batch (the image's base offset b * batch
-stride, a [B, ...] row, a stride of B * M * C elements) is 64-bit: the batch may be any size, so the image
-index and the program count along it enter arithmetic only as int64.
+chunk of the H*W positions), visiting its chunk in [BLOCK_C, BLOCK_HW] tiles. The branches of one image
+are dense [C, HW] (contiguous NCHW) or [HW, C] (channels_last) matrices, as are their gradients, the
+select's output and dV, so one loop-invariant offset tile addresses all of them; CHANNELS_LAST picks the
+strides, so the compiler sees which tile axis is contiguous and vectorises along it. An image holds fewer
+than 2**31 elements (the ops check), so offsets within one are 32-bit, which keeps that offset tile in half
+the registers. Anything that grows with the batch (the image's base offset b * batch stride, a [B, ...]
+row, a stride of B * M * C elements) is 64-bit: the batch may be any size, so the image index and the
+program count along it enter arithmetic only as int64.
 """
 import triton
 import triton.language as tl
@@ -33,7 +31,7 @@ import triton.language as tl
 # kernel takes: sknet_triton.ops.launch.MAX_BRANCHES, which a test ties to them.
 BRANCH_ARGS = ("u0_ptr", "u1_ptr", "u2_ptr", "u3_ptr")
 PROLOGUE_ARGS = ("scale_ptr", "bias_ptr")
-SHAPE_ARGS = ("C", "HW", "stride_u", "line_u", "chunk")
+SHAPE_ARGS = ("C", "HW", "stride_u", "chunk")
 CONSTEXPR_ARGS = ("M", "AFFINE", "CHANNELS_LAST", "BLOCK_C", "BLOCK_HW")
 
 
@@ -51,28 +49,16 @@ def program_tile(C, HW, chunk, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def tile_axes(c, line, CHANNELS_LAST: tl.constexpr):
-    """The offsets of channels c at position 0 within one image whose non-contiguous axis has stride
-    ``line`` (positions in channels_last, channels in NCHW), and the offset step of one position."""
+def tile_offsets(c, C, HW, CHANNELS_LAST: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """Element offsets of the tile at hw = 0 within one image, and the offset step of one hw position."""
+    hw = tl.arange(0, BLOCK_HW)
     if CHANNELS_LAST:
-        return c, line
-    return c * line, 1
-
-
-@triton.jit
-def tile_at(c_offs, hw_step, hw0, BLOCK_HW: tl.constexpr):
-    """Element offsets of the [BLOCK_C, BLOCK_HW] tile at positions hw0 .. hw0 + BLOCK_HW - 1, from
-    :func:`tile_axes`: composed of two vectors in each tile, so that no offset tile stays live across the
-    loop, whichever images (branches, gradients, dV) it addresses."""
-    return c_offs[:, None] + ((hw0 + tl.arange(0, BLOCK_HW)) * hw_step)[None, :]
-
-
-@triton.jit
-def dense_line(C, HW, CHANNELS_LAST: tl.constexpr):
-    """The line stride of a dense image: C in channels_last, HW in NCHW."""
-    if CHANNELS_LAST:
-        return C
-    return HW
+        offs = c[:, None] + hw[None, :] * C
+        hw_step = C
+    else:
+        offs = c[:, None] * HW + hw[None, :]
+        hw_step = 1
+    return offs, hw_step
 
 
 @triton.jit

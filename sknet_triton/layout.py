@@ -1,14 +1,12 @@
 """Memory layouts the kernels read in place, and the outputs that keep them.
 
-The kernels see one image of a branch as a [C, H*W] matrix with contiguous positions (NCHW) or an
-[H*W, C] matrix with contiguous channels (channels_last), whose other axis has a stride of its own, the
-*line* stride: H*W or C for a dense image, M*C for a channels_last channel slice of one [B, M*C, H, W]
-tensor (ResNeSt's radix branches, or the M views of such a tensor viewed [B, M, C, H, W]). The batch
-stride is free. So the branches are read where they lie when they share one layout, one batch stride and
-one line stride that is dense or M*C (channels_last); any other strides are copied once to contiguous
-NCHW. Their gradients are written with the branches' line stride, a stacked tensor's with its very
-strides, so that a view's backward needs no copy. Outputs that are no branch are dense in the layout the
-kernels ran in.
+The kernels see each branch image as a dense [C, H*W] matrix (contiguous NCHW) or a dense [H*W, C]
+matrix (channels_last); the batch stride is free. So the M views of a stacked [B, M, C, H, W] tensor, and
+NCHW channel slices of one [B, M*C, H, W] tensor (ResNeSt's radix branches), are read where they lie.
+Branches with any other strides (a channels_last channel slice, whose positions lie M*C apart), or whose
+layouts or batch strides disagree, are copied once to contiguous NCHW. A stacked tensor read in place gets
+gradients with its very strides, so that a view's backward needs no copy; every other output is dense in
+the layout the kernels ran in.
 """
 from __future__ import annotations
 
@@ -17,38 +15,18 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-# One image's element offsets are 32-bit in the kernels.
-MAX_IMAGE_SPAN = 2**31
-
-
 def image_layout(u: Tensor) -> Optional[bool]:
     """Layout of each image of a 4-D [B, C, H, W] tensor.
 
     Returns False for dense NCHW, True for dense channels_last, None for anything else. Sizes of 1 accept
     any stride, so a tensor that is both (C == 1 or H * W == 1) reports NCHW.
     """
-    strides = image_strides(u)
-    if strides is None:
-        return None
-    channels_last, line = strides
-    _, c, h, w = u.shape
-    return channels_last if line == (c if channels_last else h * w) else None
-
-
-def image_strides(u: Tensor) -> Optional[tuple[bool, int]]:
-    """(channels_last, line stride) of each image of a 4-D [B, C, H, W] tensor whose positions (NCHW) or
-    channels (channels_last) are contiguous, the other axis ``line`` elements apart without overlap; None
-    for any other strides. NCHW where both fit (sizes of 1 accept any stride)."""
     _, c, h, w = u.shape
     _, sc, sh, sw = u.stride()
-    if (w == 1 or sw == 1) and (h == 1 or sh == w):
-        line = sc if c > 1 else h * w
-        if line >= h * w:
-            return False, line
-    if c == 1 or sc == 1:
-        line = sw if w > 1 else (sh if h > 1 else c)
-        if (h == 1 or w == 1 or sh == w * sw) and line >= c:
-            return True, line
+    if (w == 1 or sw == 1) and (h == 1 or sh == w) and (c == 1 or sc == h * w):
+        return False
+    if (c == 1 or sc == 1) and (w == 1 or sw == c) and (h == 1 or sh == w * c):
+        return True
     return None
 
 
@@ -59,42 +37,33 @@ def branch_views(branches: Sequence[Tensor]) -> list[Tensor]:
     return list(branches)
 
 
-def _read_in_place(views: Sequence[Tensor]) -> Optional[tuple[bool, int]]:
-    """(channels_last, line stride) the kernels read all the views with, where they lie; None where they
-    must be copied: their layouts, batch strides or line strides differ, the line is neither dense nor
-    (channels_last) M * C, or one image spans 2**31 elements or more."""
-    first = image_strides(views[0])
-    if first is None:
+def _read_in_place(views: Sequence[Tensor]) -> Optional[bool]:
+    """The layout (True: channels_last) all the views share with one batch stride, so that the kernels
+    read them where they lie; None where they must be copied."""
+    layout = image_layout(views[0])
+    if layout is None:
         return None
     for v in views[1:]:
         # The same strides are the same layout; different ones may still be (sizes of 1).
-        if v.stride() != views[0].stride() and (v.stride(0) != views[0].stride(0) or image_strides(v) != first):
+        if v.stride() != views[0].stride() and (v.stride(0) != views[0].stride(0) or image_layout(v) != layout):
             return None
-    channels_last, line = first
-    _, c, h, w = views[0].shape
-    dense = c if channels_last else h * w
-    if line != dense and not (channels_last and line == len(views) * c):
-        return None
-    span = (h * w - 1) * line + c if channels_last else (c - 1) * line + h * w
-    return first if span < MAX_IMAGE_SPAN else None
+    return layout
 
 
-def kernel_views(branches: Sequence[Tensor]) -> tuple[list[Tensor], bool, int, int]:
-    """The branch views the kernels read, their layout (True: channels_last), their batch stride and their
-    line stride (see the module docstring): the views themselves where they can be read in place, else
-    each copied to contiguous NCHW."""
+def kernel_views(branches: Sequence[Tensor]) -> tuple[list[Tensor], bool, int]:
+    """The branch views the kernels read, their layout (True: channels_last) and their batch stride: the
+    views themselves where they can be read in place, else each copied to contiguous NCHW."""
     views = branch_views(branches)
-    strides = _read_in_place(views)
-    if strides is None:
+    layout = _read_in_place(views)
+    if layout is None:
         views = [v.contiguous() for v in views]
-        strides = image_strides(views[0])
-    return views, strides[0], views[0].stride(0), strides[1]
+        layout = False
+    return views, layout, views[0].stride(0)
 
 
 def kernel_layout(branches: Sequence[Tensor]) -> bool:
     """The layout :func:`kernel_views` gives the branches (True: channels_last), without copying."""
-    strides = _read_in_place(branch_views(branches))
-    return strides is not None and strides[0]
+    return bool(_read_in_place(branch_views(branches)))
 
 
 def empty_images(like: Tensor, channels_last: bool, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -129,11 +98,11 @@ def empty_branch_grads(branches: Sequence[Tensor]) -> list[Tensor]:
     (so that the backward of the view it is, of a [B, M*C, H, W] tensor say, is a view too); otherwise each
     branch's gradient is dense (M tensors are M outputs of an operator, which may not alias one buffer)."""
     views = branch_views(branches)
-    strides = _read_in_place(views)
-    channels_last = strides is not None and strides[0]
+    layout = _read_in_place(views)
+    channels_last = bool(layout)
     if len(branches) == 1:
         u = branches[0]
-        if strides is not None and _fills_its_storage(u):
+        if layout is not None and _fills_its_storage(u):
             return [torch.empty_strided(u.shape, u.stride(), dtype=u.dtype, device=u.device)]
         return [empty_stacked(u.shape, u.dtype, u.device, channels_last)]
     return [empty_images(u, channels_last) for u in views]

@@ -93,7 +93,7 @@ def test_prologue(prologue, M, channels_last, monkeypatch):
 def test_stacked_input(prologue, M, channels_last, monkeypatch):
     shape = (2, 12, 7, 5)
     x = make_branches(shape, M, torch.bfloat16, channels_last, stacked=True)
-    views, kernel_channels_last, _, _ = layout.kernel_views([x])
+    views, kernel_channels_last, _ = layout.kernel_views([x])
     assert kernel_channels_last == channels_last
     assert [v.data_ptr() for v in views] == [u.data_ptr() for u in x.unbind(1)], "stacked input was copied"
     scale, bias, relu = make_prologue(prologue, M, shape[1])
@@ -103,8 +103,8 @@ def test_stacked_input(prologue, M, channels_last, monkeypatch):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_layouts_are_read_in_place(channels_last):
     branches = make_branches((2, 8, 5, 6), 3, torch.float32, channels_last, stacked=False)
-    views, kernel_channels_last, stride, line = layout.kernel_views(branches)
-    assert kernel_channels_last == channels_last and stride == 8 * 5 * 6 and line == (8 if channels_last else 5 * 6)
+    views, kernel_channels_last, stride = layout.kernel_views(branches)
+    assert kernel_channels_last == channels_last and stride == 8 * 5 * 6
     assert [v.data_ptr() for v in views] == [u.data_ptr() for u in branches]
 
 
@@ -117,24 +117,25 @@ def one_tensor(B, M, C, H, W, channels_last):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("M", [2, 3, 4])
 @pytest.mark.parametrize("form", ["slices", "stacked_view"])
-def test_channel_slices_of_one_tensor_are_read_in_place(form, M, channels_last, monkeypatch):
-    # Branch m is channels m*C .. m*C + C - 1: in channels_last its pixels are M*C apart. Both ops read the
-    # slices where they lie, forward and backward, and a stacked view's gradient has the view's strides, so
-    # that its backward to the [B, M*C, H, W] tensor is a view too.
+def test_channel_slices_of_one_tensor(form, M, channels_last, monkeypatch):
+    # Branch m is channels m*C .. m*C + C - 1. In NCHW each of its images is dense: both ops read the
+    # slices where they lie, and a stacked view's gradient has the view's strides, so that its backward to
+    # the [B, M*C, H, W] tensor is a view too. In channels_last its pixels are M*C apart: copied once.
     B, C, H, W = 2, 12, 5, 7
     x = one_tensor(B, M, C, H, W, channels_last).requires_grad_()
     branches = list(x.split(C, dim=1)) if form == "slices" else x.view(B, M, C, H, W)
-    views, kernel_channels_last, stride, line = layout.kernel_views(branches if form == "slices" else [branches])
-    step = (1 if channels_last else H * W) * x.element_size()
-    assert [v.data_ptr() for v in views] == [x.data_ptr() + m * C * step for m in range(M)], "the branches were copied"
-    assert kernel_channels_last == channels_last and stride == M * C * H * W
-    assert line == (M * C if channels_last else H * W)
+    views, kernel_channels_last, stride = layout.kernel_views(branches if form == "slices" else [branches])
+    assert not kernel_channels_last
+    where_they_lie = [x.data_ptr() + m * C * H * W * x.element_size() for m in range(M)]
+    assert ([v.data_ptr() for v in views] == where_they_lie) != channels_last
+    assert stride == (C * H * W if channels_last else M * C * H * W)
     scale, bias, relu = make_prologue("affine_relu", M, C)
     with recording() as launches:
         ops.sk_select(branches, make_logits(B, M, C), scale, bias, relu)
-    assert [t.data_ptr() for t in launches[0].args[:M]] == [v.data_ptr() for v in views], "copied before launch"
+    launched = [t.data_ptr() for t in launches[0].args[:M]]
+    assert (launched == where_they_lie) != channels_last, "NCHW slices are read in place, channels_last ones copied"
     run_and_check(branches, make_logits(B, M, C), scale, bias, relu, torch.float32, monkeypatch)
-    if form == "stacked_view":
+    if form == "stacked_view" and not channels_last:
         logits = make_logits(B, M, C)
         grads = torch.autograd.grad(ops.sk_select(branches, logits, scale, bias, relu).sum(), [branches])
         assert grads[0].stride() == branches.stride()
@@ -177,7 +178,7 @@ def test_other_strides(case, monkeypatch):
     branches = [u.detach().requires_grad_() for u in strided_cases()[case]]
     out = run_and_check(branches, make_logits(2, 2, 10), None, None, False, torch.float32, monkeypatch)
     if case == "batch_sliced":
-        views, _, stride, _ = layout.kernel_views(branches)
+        views, _, stride = layout.kernel_views(branches)
         assert stride == 2 * 10 * 6 * 8 and views[0].data_ptr() == branches[0].data_ptr(), "read in place"
     elif case != "batch_strides_differ":
         assert out.is_contiguous(), "copied inputs give a contiguous output"

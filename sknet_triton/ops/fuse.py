@@ -90,7 +90,7 @@ def fuse_relu_backward(
     if j.shape[0]:
         grad_views = branch_views(grads)
         launch.launch_branches(FUSE_RELU_BACKWARD, j, grad_s.float().contiguous(), *j.grad_pointers(grad_views),
-                               *launch.grad_strides(grad_views), prologue=(scale, bias))
+                               grad_views[0].stride(0), prologue=(scale, bias))
     return grads
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from sknet_triton.device import INTERPRETED
-from sknet_triton.layout import image_strides, kernel_views
+from sknet_triton.layout import kernel_views
 from sknet_triton.planning import plan
 from sknet_triton.tiles import reachable_tile_shapes
 from sknet_triton.tuned import Config
@@ -137,7 +137,6 @@ class Job:
     views: list[Tensor]
     channels_last: bool
     batch_stride: int
-    line: int  # the stride of an image's non-contiguous axis (sknet_triton.layout)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -152,12 +151,6 @@ class Job:
         written). An input, not another output: under torch.compile, one output tensor passed as two
         arguments would leave functionalization unsure which of them holds its value."""
         return grad_views + [self.views[0]] * (MAX_BRANCHES - len(grad_views))
-
-
-def grad_strides(grad_views: list[Tensor]) -> tuple[int, int]:
-    """The batch and line strides of the branches' gradients (allocated by
-    :func:`sknet_triton.layout.empty_branch_grads`, so that every view has them)."""
-    return grad_views[0].stride(0), image_strides(grad_views[0])[1]
 
 
 def job(branches: Sequence[Tensor]) -> Job:
@@ -200,7 +193,7 @@ def launch_branches(family: Family, j: Job, *args, prologue: Optional[tuple] = N
         prologue_flag = dict(AFFINE=affine)
     constexprs = dict(M=M, **prologue_flag, CHANNELS_LAST=j.channels_last, BLOCK_C=p.block_c, BLOCK_HW=p.block_hw,
                       **flags)
-    start(family, (B, p.num_c_blocks, p.num_splits), (*pointers, *args, C, H * W, j.batch_stride, j.line, p.chunk),
+    start(family, (B, p.num_c_blocks, p.num_splits), (*pointers, *args, C, H * W, j.batch_stride, p.chunk),
           constexprs, p.options)
 
 
