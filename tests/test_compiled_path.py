@@ -113,8 +113,8 @@ REGISTER_CAP_SCRIPT = textwrap.dedent('''
 
 
 def test_the_register_cap_reaches_the_compiled_launch():
-    """The bn_stats and split kernels' default configurations cap ptxas's registers (``maxnreg``), without
-    which some of their specializations spill. Under torch.compile, Inductor compiles the kernels itself
+    """The bn_stats, select_bn_bwd and split kernels' default configurations cap ptxas's registers
+    (``maxnreg``), without which some of their specializations spill. Under torch.compile, Inductor compiles the kernels itself
     from the traced launch: the cap must be among the launch options the trace keeps for it. (torch
     releases whose traced launches keep no launch options beyond num_warps and num_stages drop it.)"""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
@@ -122,7 +122,7 @@ def test_the_register_cap_reaches_the_compiled_launch():
                             timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     traced = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(traced["caps"]) == {"bn_stats", "split_fwd"}, traced
+    assert set(traced["caps"]) == {"bn_stats", "select_bn_bwd", "split_fwd"}, traced
     assert len(traced["launches"]) == 2, traced
     if not any(launched["launch_kwargs"] for launched in traced["launches"]):
         pytest.skip(f"torch {torch.__version__} traces no launch options beyond num_warps and num_stages: under "

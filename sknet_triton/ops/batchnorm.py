@@ -10,6 +10,7 @@ sums over (h, w) (a_m * sum dV [P > 0], a_m * sum dV [P > 0] x_hat, sum [P > 0],
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -369,9 +370,12 @@ if TRITON_INSTALLED:
          for M in launch.BRANCH_COUNTS},
         launch.branch_variants, passes=lambda M: M, small_tiles=True,
     )
-    # Pass A, select's backward: reads dV and the M raw branches. It holds 5M float32 accumulators.
+    # Pass A, select's backward: reads dV and the M raw branches. It holds 5M float32 accumulators; the
+    # largest variants need up to 216 registers, and without a budget ptxas capped a few at 80 or 128 and
+    # spilled 4 bytes (sm_80, sm_90): the budget is the most a thread may have.
     SELECT_BN_BACKWARD = launch.Family(
-        "select_bn_bwd", sk_select_bn_bwd_kernel, select_bn_backward, launch.BACKWARD_DEFAULTS,
+        "select_bn_bwd", sk_select_bn_bwd_kernel, select_bn_backward,
+        {M: dataclasses.replace(config, maxnreg=255) for M, config in launch.BACKWARD_DEFAULTS.items()},
         launch.branch_variants, passes=lambda M: M + 1, small_tiles=True,
     )
     # Pass B, fuse's backward: reads dV and the M raw branches, writes the M gradients dY_m.
