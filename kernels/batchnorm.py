@@ -130,7 +130,7 @@ def sk_select_bn_bwd_kernel(
     scale_ptr, bias_ptr,  # float32 [M, C]: the prologue's scale and shift
     mean_ptr, rstd_ptr,  # float32 [M, C]: batch mean and 1 / sqrt(var + eps)
     logits_ptr,  # [B, M, C], element strides stride_lb, stride_lm, stride_lc
-    dv_ptr,  # [B, C, H, W]: gradient of the select output, in the branches' layout, batch stride stride_dv
+    dv_ptr,  # [B, C, H, W]: gradient of the select output, dense in the branches' layout, batch stride stride_dv
     dlogits_ptr,  # float32 [B, M, C], contiguous and zeroed: each program adds its chunk's share
     sums_ptr,  # float32 [4, B, M, C], zeroed: each program adds its chunk's share of the four sums
     stride_lb, stride_lm, stride_lc, stride_dv,
@@ -206,7 +206,7 @@ def sk_fuse_bn_bwd_kernel(
     alpha_ptr, offset_ptr,  # float32 [M, C]: BatchNorm's backward through the batch statistics
     logits_ptr,  # [B, M, C], element strides stride_lb, stride_lm, stride_lc
     ds_ptr,  # float32 [B, C]: gradient of s
-    dv_ptr,  # [B, C, H, W]: gradient of the select output, in the branches' layout, batch stride stride_dv
+    dv_ptr,  # [B, C, H, W]: gradient of the select output, dense in the branches' layout, batch stride stride_dv
     du0_ptr, du1_ptr, du2_ptr, du3_ptr,  # out: gradients of Y_m, each with batch stride stride_du
     stride_lb, stride_lm, stride_lc, stride_dv, stride_du,
     C, HW, stride_u, chunk,
