@@ -29,6 +29,8 @@ def test_host_only_records_one_launch_per_op(tmp_path):
     assert len(table) == len(ops.OPS) * len(ops.DTYPES) * len(ops.LAYOUTS)
     assert (table["launches per call"] == 1).all()
     assert (table["kernel"] == table["op"].str.replace(" ", "_")).all()
-    assert (table["call µs"] > table["launcher µs"]).all() and (table["launcher µs"] > 0).all()
+    # Host times are measured, not asserted against each other: on a loaded machine the launcher alone can
+    # time slower than a whole call, so only their presence is checked.
+    assert (table["call µs"] > 0).all() and (table["launcher µs"] > 0).all()
     forward = table[table["op"].str.endswith("fwd")]
     assert forward["validation µs"].gt(0).all() and table[~table.index.isin(forward.index)]["validation µs"].isna().all()
