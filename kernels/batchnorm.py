@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 
 from .tile import (
-    add_softmax_grad_share, branch_pointers, per_branch_vectors, program_tile, softmax_weights, tile_mask,
-    tile_offsets,
+    add_softmax_grad_share, branch_pointers, per_branch_vectors, program_tile, sliced_offsets, softmax_weights,
+    tile_mask, tile_offsets,
 )
 
 
@@ -58,12 +58,13 @@ def _tile_moments(ptrs, mask, count, mean_a, m2_a, count_a):
 def sk_bn_stats_kernel(
     u0_ptr, u1_ptr, u2_ptr, u3_ptr,  # raw branches Y_m [B, C, H, W] (no prologue); the first M are read
     mean_ptr, m2_ptr,  # out: float32 [M, B * splits, C], one partial per program and branch
-    C, HW, stride_u, chunk,
-    M: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    C, HW, stride_u, line_u, chunk,
+    M: tl.constexpr, CHANNELS_LAST: tl.constexpr, SLICED: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     b, c, c_mask, hw_lo, hw_hi = program_tile(C, HW, chunk, BLOCK_C)
     offs, hw_step = tile_offsets(c, C, HW, CHANNELS_LAST, BLOCK_HW)
+    u_offs, u_step = sliced_offsets(offs, hw_step, c, line_u, SLICED, BLOCK_HW)
     us = branch_pointers(u0_ptr, u1_ptr, u2_ptr, u3_ptr, b * stride_u, M)
 
     means = ()
@@ -74,12 +75,12 @@ def sk_bn_stats_kernel(
     seen = 0.0
     for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
         mask = tile_mask(c_mask, hw0, hw_hi, BLOCK_HW)
-        at = hw0 * hw_step + offs
+        at_u = hw0 * u_step + u_offs
         count = tl.minimum(hw_hi - hw0, BLOCK_HW).to(tl.float32)
         merged_means = ()
         merged_m2s = ()
         for m in tl.static_range(M):
-            mean, m2 = _tile_moments(us[m] + at, mask, count, means[m], m2s[m], seen)
+            mean, m2 = _tile_moments(us[m] + at_u, mask, count, means[m], m2s[m], seen)
             merged_means = merged_means + (mean,)
             merged_m2s = merged_m2s + (m2,)
         means = merged_means
@@ -134,12 +135,13 @@ def sk_select_bn_bwd_kernel(
     dlogits_ptr,  # float32 [B, M, C], contiguous and zeroed: each program adds its chunk's share
     sums_ptr,  # float32 [4, B, M, C], zeroed: each program adds its chunk's share of the four sums
     stride_lb, stride_lm, stride_lc, stride_dv,
-    C, HW, stride_u, chunk,
-    M: tl.constexpr, AFFINE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    C, HW, stride_u, line_u, chunk,
+    M: tl.constexpr, AFFINE: tl.constexpr, CHANNELS_LAST: tl.constexpr, SLICED: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     b, c, c_mask, hw_lo, hw_hi = program_tile(C, HW, chunk, BLOCK_C)
     offs, hw_step = tile_offsets(c, C, HW, CHANNELS_LAST, BLOCK_HW)
+    u_offs, u_step = sliced_offsets(offs, hw_step, c, line_u, SLICED, BLOCK_HW)
     a = softmax_weights(logits_ptr, stride_lb, stride_lm, stride_lc, b, c, c_mask, M)
     scales, shifts = per_branch_vectors(scale_ptr, bias_ptr, c, c_mask, C, M, AFFINE)
     means, rstds = per_branch_vectors(mean_ptr, rstd_ptr, c, c_mask, C, M, True)
@@ -161,6 +163,7 @@ def sk_select_bn_bwd_kernel(
     for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
         mask = tile_mask(c_mask, hw0, hw_hi, BLOCK_HW)
         at = hw0 * hw_step + offs
+        at_u = hw0 * u_step + u_offs
         dv = tl.load(dv_ptr + at, mask=mask, other=0.0).to(tl.float32)
         new_g = ()
         new_dv_on = ()
@@ -169,7 +172,7 @@ def sk_select_bn_bwd_kernel(
         new_x_on = ()
         for m in tl.static_range(M):
             g_m, dv_on_m, dv_x_on_m, on_m, x_on_m = _branch_sums(
-                us[m] + at, dv, mask, scales[m], shifts[m], means[m], rstds[m], g[m], dv_on[m], dv_x_on[m], on[m],
+                us[m] + at_u, dv, mask, scales[m], shifts[m], means[m], rstds[m], g[m], dv_on[m], dv_x_on[m], on[m],
                 x_on[m])
             new_g = new_g + (g_m,)
             new_dv_on = new_dv_on + (dv_on_m,)
@@ -207,14 +210,16 @@ def sk_fuse_bn_bwd_kernel(
     logits_ptr,  # [B, M, C], element strides stride_lb, stride_lm, stride_lc
     ds_ptr,  # float32 [B, C]: gradient of s
     dv_ptr,  # [B, C, H, W]: gradient of the select output, dense in the branches' layout, batch stride stride_dv
-    du0_ptr, du1_ptr, du2_ptr, du3_ptr,  # out: gradients of Y_m, each with batch stride stride_du
-    stride_lb, stride_lm, stride_lc, stride_dv, stride_du,
-    C, HW, stride_u, chunk,
-    M: tl.constexpr, AFFINE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    du0_ptr, du1_ptr, du2_ptr, du3_ptr,  # out: gradients of Y_m, batch stride stride_du, position stride line_du
+    stride_lb, stride_lm, stride_lc, stride_dv, stride_du, line_du,
+    C, HW, stride_u, line_u, chunk,
+    M: tl.constexpr, AFFINE: tl.constexpr, CHANNELS_LAST: tl.constexpr, SLICED: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     b, c, c_mask, hw_lo, hw_hi = program_tile(C, HW, chunk, BLOCK_C)
     offs, hw_step = tile_offsets(c, C, HW, CHANNELS_LAST, BLOCK_HW)
+    u_offs, u_step = sliced_offsets(offs, hw_step, c, line_u, SLICED, BLOCK_HW)
+    du_offs, du_step = sliced_offsets(offs, hw_step, c, line_du, SLICED, BLOCK_HW)
     a = softmax_weights(logits_ptr, stride_lb, stride_lm, stride_lc, b, c, c_mask, M)
     grad_s = tl.load(ds_ptr + b * C + c, mask=c_mask, other=0.0) / HW
     scales, shifts = per_branch_vectors(scale_ptr, bias_ptr, c, c_mask, C, M, AFFINE)
@@ -226,7 +231,9 @@ def sk_fuse_bn_bwd_kernel(
     for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
         mask = tile_mask(c_mask, hw0, hw_hi, BLOCK_HW)
         at = hw0 * hw_step + offs
+        at_u = hw0 * u_step + u_offs
+        at_du = hw0 * du_step + du_offs
         dv = tl.load(dv_ptr + at, mask=mask, other=0.0).to(tl.float32)
         for m in tl.static_range(M):
-            _branch_input_grad(dus[m] + at, us[m] + at, dv, mask, a[m], grad_s, scales[m], shifts[m], alphas[m],
+            _branch_input_grad(dus[m] + at_du, us[m] + at_u, dv, mask, a[m], grad_s, scales[m], shifts[m], alphas[m],
                                offsets[m])

@@ -12,8 +12,8 @@ import triton
 import triton.language as tl
 
 from .tile import (
-    add_softmax_grad_share, branch_pointers, load_branch, per_branch_vectors, program_tile, softmax_weights,
-    tile_mask, tile_offsets,
+    add_softmax_grad_share, branch_pointers, load_branch, per_branch_vectors, program_tile, sliced_offsets,
+    softmax_weights, tile_mask, tile_offsets,
 )
 
 
@@ -24,13 +24,14 @@ def sk_select_fwd_kernel(
     logits_ptr,  # [B, M, C], element strides stride_lb, stride_lm, stride_lc
     out_ptr,  # [B, C, H, W] out, dense in the branches' layout, batch stride stride_out
     stride_lb, stride_lm, stride_lc, stride_out,
-    C, HW, stride_u, chunk,
-    M: tl.constexpr, AFFINE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    C, HW, stride_u, line_u, chunk,
+    M: tl.constexpr, AFFINE: tl.constexpr, CHANNELS_LAST: tl.constexpr, SLICED: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
     RELU: tl.constexpr,
 ):
     b, c, c_mask, hw_lo, hw_hi = program_tile(C, HW, chunk, BLOCK_C)
     offs, hw_step = tile_offsets(c, C, HW, CHANNELS_LAST, BLOCK_HW)
+    u_offs, u_step = sliced_offsets(offs, hw_step, c, line_u, SLICED, BLOCK_HW)
     a = softmax_weights(logits_ptr, stride_lb, stride_lm, stride_lc, b, c, c_mask, M)
     # a * relu(scale * U + bias) = relu(a * scale * U + a * bias) as a >= 0: the softmax weight joins the
     # prologue, and each branch keeps two per-channel vectors instead of three.
@@ -46,9 +47,10 @@ def sk_select_fwd_kernel(
     for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
         mask = tile_mask(c_mask, hw0, hw_hi, BLOCK_HW)
         at = hw0 * hw_step + offs
-        v = load_branch(us[0] + at, mask, weighted_scales[0], weighted_biases[0], True, RELU)
+        at_u = hw0 * u_step + u_offs
+        v = load_branch(us[0] + at_u, mask, weighted_scales[0], weighted_biases[0], True, RELU)
         for m in tl.static_range(1, M):
-            v += load_branch(us[m] + at, mask, weighted_scales[m], weighted_biases[m], True, RELU)
+            v += load_branch(us[m] + at_u, mask, weighted_scales[m], weighted_biases[m], True, RELU)
         tl.store(out_ptr + at, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -69,16 +71,18 @@ def sk_select_bwd_kernel(
     scale_ptr, bias_ptr,
     logits_ptr,  # [B, M, C], element strides stride_lb, stride_lm, stride_lc
     dv_ptr,  # [B, C, H, W]: gradient of the output, dense in the branches' layout, batch stride stride_dv
-    du0_ptr, du1_ptr, du2_ptr, du3_ptr,  # out: branch gradients, each with batch stride stride_du
+    du0_ptr, du1_ptr, du2_ptr, du3_ptr,  # out: branch gradients, batch stride stride_du, position stride line_du
     dlogits_ptr,  # float32 [B, M, C], contiguous and zeroed: each program adds its chunk's share
-    stride_lb, stride_lm, stride_lc, stride_dv, stride_du,
-    C, HW, stride_u, chunk,
-    M: tl.constexpr, AFFINE: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    stride_lb, stride_lm, stride_lc, stride_dv, stride_du, line_du,
+    C, HW, stride_u, line_u, chunk,
+    M: tl.constexpr, AFFINE: tl.constexpr, CHANNELS_LAST: tl.constexpr, SLICED: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
     RELU: tl.constexpr,
 ):
     b, c, c_mask, hw_lo, hw_hi = program_tile(C, HW, chunk, BLOCK_C)
     offs, hw_step = tile_offsets(c, C, HW, CHANNELS_LAST, BLOCK_HW)
+    u_offs, u_step = sliced_offsets(offs, hw_step, c, line_u, SLICED, BLOCK_HW)
+    du_offs, du_step = sliced_offsets(offs, hw_step, c, line_du, SLICED, BLOCK_HW)
     a = softmax_weights(logits_ptr, stride_lb, stride_lm, stride_lc, b, c, c_mask, M)
     scales, biases = per_branch_vectors(scale_ptr, bias_ptr, c, c_mask, C, M, AFFINE)
     us = branch_pointers(u0_ptr, u1_ptr, u2_ptr, u3_ptr, b * stride_u, M)
@@ -91,10 +95,12 @@ def sk_select_bwd_kernel(
     for hw0 in range(hw_lo, hw_hi, BLOCK_HW):
         mask = tile_mask(c_mask, hw0, hw_hi, BLOCK_HW)
         at = hw0 * hw_step + offs
+        at_u = hw0 * u_step + u_offs
+        at_du = hw0 * du_step + du_offs
         dv = tl.load(dv_ptr + at, mask=mask, other=0.0).to(tl.float32)
         summed = ()
         for m in tl.static_range(M):
-            summed = summed + (g[m] + _branch_grad(dus[m] + at, us[m] + at, dv, mask, a[m], scales[m], biases[m],
+            summed = summed + (g[m] + _branch_grad(dus[m] + at_du, us[m] + at_u, dv, mask, a[m], scales[m], biases[m],
                                                    AFFINE, RELU),)
         g = summed
 

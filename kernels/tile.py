@@ -9,20 +9,25 @@ Every kernel over the branches takes its arguments in one order, which the launc
 2. for a family with a prologue (P = ReLU?(scale * U + bias) applied as each branch is loaded), its
    ``scale_ptr, bias_ptr`` (:data:`PROLOGUE_ARGS`), read when the constexpr ``AFFINE`` is set; a family
    without one (the BatchNorm statistics read the raw branches) takes neither, nor ``AFFINE``;
-3. the kernel's own tensors and scalars;
-4. :data:`SHAPE_ARGS`, ``C, HW, stride_u, chunk``;
+3. the kernel's own tensors and scalars (a kernel that writes branch gradients takes their batch stride
+   and position stride, ``stride_du, line_du``);
+4. :data:`SHAPE_ARGS`, ``C, HW, stride_u, line_u, chunk``;
 5. the constexprs :data:`CONSTEXPR_ARGS` (``M``, ``AFFINE`` where there is a prologue, ``CHANNELS_LAST,
-   BLOCK_C, BLOCK_HW``), then the kernel's own flags.
+   SLICED, BLOCK_C, BLOCK_HW``), then the kernel's own flags.
 
 Every kernel walks the same work decomposition: one program per (image b, block of BLOCK_C channels,
-chunk of the H*W positions), visiting its chunk in [BLOCK_C, BLOCK_HW] tiles. The branches of one image
-are dense [C, HW] (contiguous NCHW) or [HW, C] (channels_last) matrices, as are their gradients, the
-select's output and dV, so one loop-invariant offset tile addresses all of them; CHANNELS_LAST picks the
-strides, so the compiler sees which tile axis is contiguous and vectorises along it. An image holds fewer
-than 2**31 elements (the ops check), so offsets within one are 32-bit, which keeps that offset tile in half
-the registers. Anything that grows with the batch (the image's base offset b * batch stride, a [B, ...]
-row, a stride of B * M * C elements) is 64-bit: the batch may be any size, so the image index and the
-program count along it enter arithmetic only as int64.
+chunk of the H*W positions), visiting its chunk in [BLOCK_C, BLOCK_HW] tiles. Each image of every tensor
+the kernels stream is a dense [C, HW] (contiguous NCHW) or [HW, C] (channels_last) matrix, with one
+exception: with SLICED (channels_last only), the branches and their gradients are channel slices of wider
+channels_last tensors (ResNeSt's radix branches, channels m*C .. m*C + C - 1 of one [B, M*C, H, W]
+convolution output), [HW, C] matrices whose rows lie ``line_u`` (``line_du``) elements apart. So one
+loop-invariant offset tile addresses every dense tensor, and without SLICED the branches too (the default
+specializations hold one offset tile); SLICED adds one tile per position stride. CHANNELS_LAST picks the
+strides, so the compiler sees which tile axis is contiguous and vectorises along it. An image (up to its
+last element, line included) holds fewer than 2**31 elements (the launcher checks), so offsets within one
+are 32-bit, which keeps the offset tiles in half the registers. Anything that grows with the batch (the
+image's base offset b * batch stride, a [B, ...] row, a stride of B * M * C elements) is 64-bit: the batch
+may be any size, so the image index and the program count along it enter arithmetic only as int64.
 """
 import triton
 import triton.language as tl
@@ -31,8 +36,8 @@ import triton.language as tl
 # kernel takes: sknet_triton.ops.launch.MAX_BRANCHES, which a test ties to them.
 BRANCH_ARGS = ("u0_ptr", "u1_ptr", "u2_ptr", "u3_ptr")
 PROLOGUE_ARGS = ("scale_ptr", "bias_ptr")
-SHAPE_ARGS = ("C", "HW", "stride_u", "chunk")
-CONSTEXPR_ARGS = ("M", "AFFINE", "CHANNELS_LAST", "BLOCK_C", "BLOCK_HW")
+SHAPE_ARGS = ("C", "HW", "stride_u", "line_u", "chunk")
+CONSTEXPR_ARGS = ("M", "AFFINE", "CHANNELS_LAST", "SLICED", "BLOCK_C", "BLOCK_HW")
 
 
 @triton.jit
@@ -59,6 +64,19 @@ def tile_offsets(c, C, HW, CHANNELS_LAST: tl.constexpr, BLOCK_HW: tl.constexpr):
         offs = c[:, None] * HW + hw[None, :]
         hw_step = 1
     return offs, hw_step
+
+
+@triton.jit
+def sliced_offsets(offs, hw_step, c, line, SLICED: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """The offsets and position step of a channels_last tensor whose positions lie ``line`` elements apart
+    where SLICED; else the dense tile's own ``offs, hw_step`` (so the default specializations keep one)."""
+    if SLICED:
+        sliced = c[:, None] + tl.arange(0, BLOCK_HW)[None, :] * line
+        step = line
+    else:
+        sliced = offs
+        step = hw_step
+    return sliced, step
 
 
 @triton.jit

@@ -1,12 +1,13 @@
 """Memory layouts the kernels read in place, and the outputs that keep them.
 
-The kernels see each branch image as a dense [C, H*W] matrix (contiguous NCHW) or a dense [H*W, C]
-matrix (channels_last); the batch stride is free. So the M views of a stacked [B, M, C, H, W] tensor, and
-NCHW channel slices of one [B, M*C, H, W] tensor (ResNeSt's radix branches), are read where they lie.
-Branches with any other strides (a channels_last channel slice, whose positions lie M*C apart), or whose
-layouts or batch strides disagree, are copied once to contiguous NCHW. A stacked tensor read in place gets
-gradients with its very strides, so that a view's backward needs no copy; every other output is dense in
-the layout the kernels ran in.
+The kernels see each branch image as a dense [C, H*W] matrix (contiguous NCHW) or as an [H*W, C] matrix
+whose rows lie ``line >= C`` elements apart (channels_last: ``line == C`` where dense; more for a channel
+slice of a wider channels_last tensor, such as ResNeSt's radix branches, channels m*C .. m*C + C - 1 of one
+[B, M*C, H, W] convolution output, whose pixels lie M*C apart); the batch stride is free. So the M views of
+a stacked [B, M, C, H, W] tensor and channel slices of one [B, M*C, H, W] tensor are read where they lie, in
+either layout. Branches with any other strides, or whose layouts, lines or batch strides disagree, are
+copied once to contiguous NCHW. A stacked tensor read in place gets gradients with its very strides, so
+that a view's backward needs no copy; every other output is dense in the layout the kernels ran in.
 """
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+
+# The kernels' offsets within one image (its last element included, line and all) are 32-bit; the batch may
+# be any size.
+MAX_IMAGE_ELEMENTS = 2**31
+
 
 def image_layout(u: Tensor) -> Optional[bool]:
     """Layout of each image of a 4-D [B, C, H, W] tensor.
@@ -30,6 +36,18 @@ def image_layout(u: Tensor) -> Optional[bool]:
     return None
 
 
+def channels_last_line(u: Tensor) -> Optional[int]:
+    """The distance in elements between consecutive positions of one channel of a 4-D [B, C, H, W] tensor
+    whose images are [H*W, C] matrices with rows at least C elements apart: C for dense channels_last, more
+    for a channel slice of a wider channels_last tensor; None for any other layout."""
+    _, c, h, w = u.shape
+    _, sc, sh, sw = u.stride()
+    line = sw if w > 1 else sh if h > 1 else c
+    if (c == 1 or sc == 1) and (h == 1 or sh == w * line) and line >= c:
+        return line
+    return None
+
+
 def branch_views(branches: Sequence[Tensor]) -> list[Tensor]:
     """The M branch tensors [B, C, H, W] of a list of M tensors, or of a one-element list [B, M, C, H, W]."""
     if len(branches) == 1:
@@ -37,33 +55,47 @@ def branch_views(branches: Sequence[Tensor]) -> list[Tensor]:
     return list(branches)
 
 
-def _read_in_place(views: Sequence[Tensor]) -> Optional[bool]:
-    """The layout (True: channels_last) all the views share with one batch stride, so that the kernels
+def _kernel_layout_of(u: Tensor) -> Optional[tuple[bool, int]]:
+    """(channels_last, line) of a branch the kernels can read in place (line: C for NCHW); None otherwise."""
+    C, H, W = u.shape[1:]
+    if image_layout(u) is False:
+        return False, C
+    line = channels_last_line(u)
+    if line is None or line * H * W >= MAX_IMAGE_ELEMENTS:
+        return None
+    return True, line
+
+
+def _read_in_place(views: Sequence[Tensor]) -> Optional[tuple[bool, int]]:
+    """The layout (channels_last, line) all the views share with one batch stride, so that the kernels
     read them where they lie; None where they must be copied."""
-    layout = image_layout(views[0])
+    layout = _kernel_layout_of(views[0])
     if layout is None:
         return None
     for v in views[1:]:
         # The same strides are the same layout; different ones may still be (sizes of 1).
-        if v.stride() != views[0].stride() and (v.stride(0) != views[0].stride(0) or image_layout(v) != layout):
+        if v.stride() != views[0].stride() and (v.stride(0) != views[0].stride(0) or _kernel_layout_of(v) != layout):
             return None
     return layout
 
 
-def kernel_views(branches: Sequence[Tensor]) -> tuple[list[Tensor], bool, int]:
-    """The branch views the kernels read, their layout (True: channels_last) and their batch stride: the
-    views themselves where they can be read in place, else each copied to contiguous NCHW."""
+def kernel_views(branches: Sequence[Tensor]) -> tuple[list[Tensor], bool, int, int]:
+    """The branch views the kernels read, their layout (True: channels_last), their batch stride and their
+    line (the position stride in channels_last; C where the images are dense): the views themselves where
+    they can be read in place, else each copied to contiguous NCHW."""
     views = branch_views(branches)
     layout = _read_in_place(views)
     if layout is None:
         views = [v.contiguous() for v in views]
-        layout = False
-    return views, layout, views[0].stride(0)
+        layout = False, views[0].shape[1]
+    channels_last, line = layout
+    return views, channels_last, views[0].stride(0), line
 
 
 def kernel_layout(branches: Sequence[Tensor]) -> bool:
     """The layout :func:`kernel_views` gives the branches (True: channels_last), without copying."""
-    return bool(_read_in_place(branch_views(branches)))
+    layout = _read_in_place(branch_views(branches))
+    return layout is not None and layout[0]
 
 
 def empty_images(like: Tensor, channels_last: bool, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -99,7 +131,7 @@ def empty_branch_grads(branches: Sequence[Tensor]) -> list[Tensor]:
     branch's gradient is dense (M tensors are M outputs of an operator, which may not alias one buffer)."""
     views = branch_views(branches)
     layout = _read_in_place(views)
-    channels_last = bool(layout)
+    channels_last = layout is not None and layout[0]
     if len(branches) == 1:
         u = branches[0]
         if layout is not None and _fills_its_storage(u):

@@ -176,19 +176,33 @@ class TransposedLogits(LinearAttention):
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("M", [2, 3, 4])
-def test_channel_slices_of_one_tensor_and_strided_logits(M, channels_last, monkeypatch):
-    # ResNeSt's radix branches: M channel slices of one [B, M*C, H, W] tensor, read where they lie in NCHW
-    # (each image dense), copied once in channels_last (pixels M*C apart).
+@pytest.mark.parametrize("form", ["slices", "stacked_view"])
+def test_channel_slices_of_one_tensor_and_strided_logits(form, M, channels_last, monkeypatch):
+    # ResNeSt's radix branches: M channel slices of one [B, M*C, H, W] tensor, read where they lie by every
+    # launch of training BatchNorm, in NCHW (each image dense) and channels_last (pixels M*C apart: SLICED).
     B, C, H, W = 2, 8, 4, 5
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(B, M * C, H, W, device=DEVICE).contiguous(memory_format=fmt).requires_grad_()
-    branches = list(x.split(C, dim=1))
+    branches = x.view(B, M, C, H, W) if form == "stacked_view" else list(x.split(C, dim=1))
+    where_they_lie = [u.data_ptr() for u in x.split(C, dim=1)]
     weight, bias = make_affine(M, C, affine=True)
-    with recording() as launches:
-        ops.sk_fuse_bn(branches, weight, bias)
-    read_in_place = [t.data_ptr() for t in launches[0].args[:M]] == [u.data_ptr() for u in branches]
-    assert read_in_place != channels_last
-    run_and_check(branches, TransposedLogits(B, M, C), weight, bias, torch.float32, monkeypatch)
+    attention = TransposedLogits(B, M, C)
+    grad_out = torch.randn(B, C, H, W, device=DEVICE)
+    with recording() as launches:  # recorded, not run
+        torch.autograd.grad(fuse_select_bn(branches, attention, weight, bias)[0], [x], grad_out)
+    assert {r.family for r in launches} == {"bn_stats", "fuse_fwd", "select_fwd", "select_bn_bwd", "fuse_bn_bwd"}
+    for r in launches:
+        assert [t.data_ptr() for t in r.args[:M]] == where_they_lie, f"{r.family} read copies of the slices"
+        assert r.constexprs["SLICED"] == channels_last
+    with poisoned_allocations(monkeypatch):
+        out = fuse_select_bn(branches, attention, weight, bias)[0]
+        [grad_x] = torch.autograd.grad(out, [x], grad_out)
+    expected, _, leaves64 = oracle(list(x.split(C, dim=1)), attention, weight, bias)
+    assert_close(out, expected, torch.float32, "output")
+    expected_grads = torch.autograd.grad(expected, leaves64[:M], as_float64(grad_out))
+    assert_close(grad_x, torch.cat(expected_grads, dim=1), torch.float32, "gradient of the sliced tensor")
+    if form == "slices":
+        run_and_check(branches, TransposedLogits(B, M, C), weight, bias, torch.float32, monkeypatch)
 
 
 def test_without_affine_parameters(monkeypatch):

@@ -93,7 +93,7 @@ def test_prologue(prologue, M, channels_last, monkeypatch):
 def test_stacked_input(prologue, M, channels_last, monkeypatch):
     shape = (2, 12, 7, 5)
     x = make_branches(shape, M, torch.bfloat16, channels_last, stacked=True)
-    views, kernel_channels_last, _ = layout.kernel_views([x])
+    views, kernel_channels_last, _, _ = layout.kernel_views([x])
     assert kernel_channels_last == channels_last
     assert [v.data_ptr() for v in views] == [u.data_ptr() for u in x.unbind(1)], "stacked input was copied"
     scale, bias, relu = make_prologue(prologue, M, shape[1])
@@ -103,42 +103,53 @@ def test_stacked_input(prologue, M, channels_last, monkeypatch):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_layouts_are_read_in_place(channels_last):
     branches = make_branches((2, 8, 5, 6), 3, torch.float32, channels_last, stacked=False)
-    views, kernel_channels_last, stride = layout.kernel_views(branches)
-    assert kernel_channels_last == channels_last and stride == 8 * 5 * 6
+    views, kernel_channels_last, stride, line = layout.kernel_views(branches)
+    assert kernel_channels_last == channels_last and stride == 8 * 5 * 6 and line == 8
     assert [v.data_ptr() for v in views] == [u.data_ptr() for u in branches]
 
 
-def one_tensor(B, M, C, H, W, channels_last):
-    """A [B, M * C, H, W] tensor, as one convolution writes M branches (ResNeSt's radix splits)."""
+def one_tensor(B, M, C, H, W, channels_last, spare=0):
+    """A [B, (M + spare) * C, H, W] tensor, as one convolution writes M branches (ResNeSt's radix splits),
+    with ``spare`` more blocks of C channels after them."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return torch.randn(B, M * C, H, W, device=DEVICE).contiguous(memory_format=fmt)
+    return torch.randn(B, (M + spare) * C, H, W, device=DEVICE).contiguous(memory_format=fmt)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("M", [2, 3, 4])
-@pytest.mark.parametrize("form", ["slices", "stacked_view"])
+@pytest.mark.parametrize("form", ["slices", "slices_of_wider", "stacked_view"])
 def test_channel_slices_of_one_tensor(form, M, channels_last, monkeypatch):
-    # Branch m is channels m*C .. m*C + C - 1. In NCHW each of its images is dense: both ops read the
-    # slices where they lie, and a stacked view's gradient has the view's strides, so that its backward to
-    # the [B, M*C, H, W] tensor is a view too. In channels_last its pixels are M*C apart: copied once.
+    # Branch m is channels m*C .. m*C + C - 1. In NCHW each of its images is dense; in channels_last its
+    # pixels lie (M + spare)*C apart, which the kernels' SLICED variants read. Every launch of both ops, both
+    # directions, reads the slices where they lie, and a stacked view's gradient has the view's strides, so
+    # that its backward to the [B, M*C, H, W] tensor is a view too.
     B, C, H, W = 2, 12, 5, 7
-    x = one_tensor(B, M, C, H, W, channels_last).requires_grad_()
-    branches = list(x.split(C, dim=1)) if form == "slices" else x.view(B, M, C, H, W)
-    views, kernel_channels_last, stride = layout.kernel_views(branches if form == "slices" else [branches])
-    assert not kernel_channels_last
-    where_they_lie = [x.data_ptr() + m * C * H * W * x.element_size() for m in range(M)]
-    assert ([v.data_ptr() for v in views] == where_they_lie) != channels_last
-    assert stride == (C * H * W if channels_last else M * C * H * W)
+    spare = 1 if form == "slices_of_wider" else 0
+    x = one_tensor(B, M, C, H, W, channels_last, spare).requires_grad_()
+    branches = x.view(B, M, C, H, W) if form == "stacked_view" else list(x.split(C, dim=1))[:M]
+    views, kernel_channels_last, stride, line = layout.kernel_views([branches] if form == "stacked_view" else branches)
+    assert kernel_channels_last == channels_last and stride == (M + spare) * C * H * W
+    assert line == ((M + spare) * C if channels_last else C)
+    channel_bytes = x.element_size() * (1 if channels_last else H * W)
+    where_they_lie = [x.data_ptr() + m * C * channel_bytes for m in range(M)]
+    assert [v.data_ptr() for v in views] == where_they_lie, "the slices were copied"
     scale, bias, relu = make_prologue("affine_relu", M, C)
+    logits = make_logits(B, M, C)
     with recording() as launches:
-        ops.sk_select(branches, make_logits(B, M, C), scale, bias, relu)
-    launched = [t.data_ptr() for t in launches[0].args[:M]]
-    assert (launched == where_they_lie) != channels_last, "NCHW slices are read in place, channels_last ones copied"
+        out = ops.sk_select(branches, logits, scale, bias, relu)
+        s = ops.sk_fuse(branches, scale, bias, relu)
+        torch.autograd.grad([out.sum(), s.sum()], [x, logits])
+    assert {r.family for r in launches} == {"select_fwd", "select_bwd", "fuse_fwd", "fuse_bwd"}
+    for r in launches:
+        assert [t.data_ptr() for t in r.args[:M]] == where_they_lie, f"{r.family} read copies of the slices"
+        assert r.constexprs["SLICED"] == channels_last
     run_and_check(branches, make_logits(B, M, C), scale, bias, relu, torch.float32, monkeypatch)
-    if form == "stacked_view" and not channels_last:
-        logits = make_logits(B, M, C)
-        grads = torch.autograd.grad(ops.sk_select(branches, logits, scale, bias, relu).sum(), [branches])
-        assert grads[0].stride() == branches.stride()
+    if form == "stacked_view":
+        view_grads = []
+        branches.register_hook(view_grads.append)
+        [grad_x] = torch.autograd.grad(ops.sk_select(branches, logits, scale, bias, relu).sum(), [x])
+        assert view_grads[0].stride() == branches.stride()
+        assert grad_x.data_ptr() == view_grads[0].data_ptr(), "the view's backward copied its gradient"
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -178,7 +189,7 @@ def test_other_strides(case, monkeypatch):
     branches = [u.detach().requires_grad_() for u in strided_cases()[case]]
     out = run_and_check(branches, make_logits(2, 2, 10), None, None, False, torch.float32, monkeypatch)
     if case == "batch_sliced":
-        views, _, stride = layout.kernel_views(branches)
+        views, _, stride, _ = layout.kernel_views(branches)
         assert stride == 2 * 10 * 6 * 8 and views[0].data_ptr() == branches[0].data_ptr(), "read in place"
     elif case != "batch_strides_differ":
         assert out.is_contiguous(), "copied inputs give a contiguous output"

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from sknet_triton import ops
+from sknet_triton.ops import launch
 from tests.helpers import DEVICE, requires_kernels
 from tests.ops_inputs import assert_close, make_branches, make_logits, make_prologue
 
@@ -55,6 +56,45 @@ def test_compile_one_graph_forward_and_backward(channels_last):
         assert_close(grad, want, torch.float32, "gradient")
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_compile_channel_slices_of_one_tensor(channels_last, monkeypatch):
+    # ResNeSt's radix branches: a stacked view of one [B, M*C, H, W] tensor, read in place (in channels_last
+    # by the SLICED variants) by the traced launches, both directions, in one graph.
+    torch._dynamo.reset()
+    started = []
+    run = launch.start
+
+    def start(family, grid, args, constexprs, options):
+        started.append((family.name, args[0].data_ptr(), constexprs["SLICED"]))
+        run(family, grid, args, constexprs, options)
+
+    monkeypatch.setattr(launch, "start", start)
+    B, M, C, H, W = 2, 2, 8, 5, 6
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(B, M * C, H, W, device=DEVICE).contiguous(memory_format=fmt).requires_grad_()
+    weight = torch.randn(C, M * C, device=DEVICE, requires_grad=True)
+
+    def unit(x, weight):
+        return sk_unit(x.view(B, M, C, H, W), weight)
+
+    recorder = GraphRecorder()
+    compiled = torch.compile(unit, fullgraph=True, backend=recorder)
+    out = compiled(x, weight)
+    grads = torch.autograd.grad(out.square().sum(), [x, weight])
+    compiled_launches = list(started)
+    expected = unit(x, weight)
+    expected_grads = torch.autograd.grad(expected.square().sum(), [x, weight])
+
+    assert len(recorder.graphs) == 1
+    assert set(SK_OPS) <= recorder.op_names(), "the custom ops should be in the graph"
+    assert {name for name, _, _ in compiled_launches} == {"fuse_fwd", "select_fwd", "select_bwd"}
+    for name, first_branch, sliced in compiled_launches:
+        assert first_branch == x.data_ptr() and sliced == channels_last, f"{name} read a copy of the slices"
+    assert_close(out, expected, torch.float32, "output")
+    for grad, want in zip(grads, expected_grads):
+        assert_close(grad, want, torch.float32, "gradient")
+
+
 def test_compile_dynamic_batch_does_not_recompile():
     torch._dynamo.reset()
     recorder = GraphRecorder()
@@ -86,6 +126,20 @@ def opcheck_cases():
                 "sk_select_backward", (grad_out, detached, logits.detach(), scale, bias, relu)
             )
             cases[f"sk_fuse_relu_backward-{name}"] = ("sk_fuse_relu_backward", (grad_s, detached, scale, bias))
+    # Channel slices of one channels_last [B, M*C, H, W] tensor, as a stacked view: the SLICED variants.
+    B, C, H, W = shape
+    sliced = [torch.randn(B, M * C, H, W, device=DEVICE).contiguous(memory_format=torch.channels_last)
+              .view(B, M, C, H, W)]
+    scale, bias, relu = make_prologue("affine_relu", M, C)
+    logits = make_logits(B, M, C).detach()
+    cases["sk_fuse-sliced"] = ("sk_fuse", (sliced, scale, bias, relu))
+    cases["sk_select-sliced"] = ("sk_select", (sliced, logits, scale, bias, relu))
+    cases["sk_select_backward-sliced"] = (
+        "sk_select_backward", (torch.randn(shape, device=DEVICE), sliced, logits, scale, bias, relu)
+    )
+    cases["sk_fuse_relu_backward-sliced"] = (
+        "sk_fuse_relu_backward", (torch.randn(B, C, device=DEVICE), sliced, scale, bias)
+    )
     return cases
 
 

@@ -230,7 +230,7 @@ def fuse_bn_backward(
         launch.launch_branches(
             FUSE_BN_BACKWARD, j, alpha.contiguous(), offset.contiguous(), handoff[0], grad_s.float().contiguous(),
             grad_out, *j.grad_pointers(grad_views), *handoff[0].stride(), grad_out.stride(0),
-            grad_views[0].stride(0), prologue=(stats[BN_SCALE], stats[BN_SHIFT]),
+            *j.grad_strides(grad_views), prologue=(stats[BN_SCALE], stats[BN_SHIFT]),
         )
     return grads, dgamma, dbeta
 

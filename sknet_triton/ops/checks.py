@@ -6,11 +6,10 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from sknet_triton.layout import MAX_IMAGE_ELEMENTS
 from sknet_triton.ops.launch import MAX_BRANCHES
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Offsets within one image are 32-bit in the kernels; the batch may be any size.
-MAX_IMAGE_ELEMENTS = 2**31
 
 Branches = Union[Tensor, Sequence[Tensor]]
 

@@ -29,7 +29,8 @@ def sk_fuse(
 
     Args:
         branches: M (2 to 4) tensors [B, C, H, W], or one stacked tensor [B, M, C, H, W]; float32, float16
-            or bfloat16; contiguous or channels_last (other strides are copied once).
+            or bfloat16; contiguous or channels_last, channel slices of one such tensor included (other strides
+            are copied once: :mod:`sknet_triton.layout`).
         scale, bias: optional [M, C] constants of a per-branch prologue ``P_m = scale[m] * U_m + bias[m]``
             (eval-mode BatchNorm); they may not require grad.
         relu: apply ``max(P_m, 0)`` after the prologue.
@@ -90,7 +91,7 @@ def fuse_relu_backward(
     if j.shape[0]:
         grad_views = branch_views(grads)
         launch.launch_branches(FUSE_RELU_BACKWARD, j, grad_s.float().contiguous(), *j.grad_pointers(grad_views),
-                               grad_views[0].stride(0), prologue=(scale, bias))
+                               *j.grad_strides(grad_views), prologue=(scale, bias))
     return grads
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from sknet_triton.device import INTERPRETED
-from sknet_triton.layout import kernel_views
+from sknet_triton.layout import channels_last_line, kernel_views
 from sknet_triton.planning import plan
 from sknet_triton.tiles import reachable_tile_shapes
 from sknet_triton.tuned import Config
@@ -70,11 +70,19 @@ class Family:
 
 
 def branch_variants(family: Family, config: Config, dtype: torch.dtype) -> list[dict]:
-    """The kernels over the branches: every reachable tile shape, with every value of the family's flags."""
+    """The kernels over the branches: every reachable tile shape, channels_last ones also SLICED, with every
+    value of the family's flags."""
     tiles = reachable_tile_shapes(config.tile_bytes // dtype.itemsize)
+    layouts = [
+        (channels_last, sliced, block_c, block_hw)
+        for channels_last, block_c, block_hw in tiles
+        for sliced in ((False, True) if channels_last else (False,))
+    ]
     return [
-        dict(CHANNELS_LAST=channels_last, BLOCK_C=block_c, BLOCK_HW=block_hw, **dict(zip(family.flags, flags)))
-        for (channels_last, block_c, block_hw), *flags in itertools.product(tiles, *[(False, True)] * len(family.flags))
+        dict(CHANNELS_LAST=channels_last, SLICED=sliced, BLOCK_C=block_c, BLOCK_HW=block_hw,
+             **dict(zip(family.flags, flags)))
+        for (channels_last, sliced, block_c, block_hw), *flags
+        in itertools.product(layouts, *[(False, True)] * len(family.flags))
     ]
 
 
@@ -137,10 +145,16 @@ class Job:
     views: list[Tensor]
     channels_last: bool
     batch_stride: int
+    line: int  # the position stride in channels_last; C where the images are dense
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
         return tuple(self.views[0].shape)
+
+    @property
+    def sliced(self) -> bool:
+        """Whether the branches are channel slices of wider channels_last tensors: the kernels' SLICED."""
+        return self.channels_last and self.line != self.shape[1]
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -151,6 +165,15 @@ class Job:
         written). An input, not another output: under torch.compile, one output tensor passed as two
         arguments would leave functionalization unsure which of them holds its value."""
         return grad_views + [self.views[0]] * (MAX_BRANCHES - len(grad_views))
+
+    def grad_strides(self, grad_views: list[Tensor]) -> tuple[int, int]:
+        """``stride_du, line_du`` of the gradients :func:`sknet_triton.layout.empty_branch_grads` gave: dense
+        images, or the branches' own strides (a stacked tensor read in place), so sliced only if they are."""
+        C = self.shape[1]
+        line = channels_last_line(grad_views[0]) if self.channels_last else C
+        if line != C and not self.sliced:
+            raise RuntimeError("sknet_triton: sliced branch gradients of branches read as dense images")
+        return grad_views[0].stride(0), line
 
 
 def job(branches: Sequence[Tensor]) -> Job:
@@ -191,9 +214,9 @@ def launch_branches(family: Family, j: Job, *args, prologue: Optional[tuple] = N
         affine, scale, bias = _prologue(*prologue, j)
         pointers += [scale, bias]
         prologue_flag = dict(AFFINE=affine)
-    constexprs = dict(M=M, **prologue_flag, CHANNELS_LAST=j.channels_last, BLOCK_C=p.block_c, BLOCK_HW=p.block_hw,
-                      **flags)
-    start(family, (B, p.num_c_blocks, p.num_splits), (*pointers, *args, C, H * W, j.batch_stride, p.chunk),
+    constexprs = dict(M=M, **prologue_flag, CHANNELS_LAST=j.channels_last, SLICED=j.sliced, BLOCK_C=p.block_c,
+                      BLOCK_HW=p.block_hw, **flags)
+    start(family, (B, p.num_c_blocks, p.num_splits), (*pointers, *args, C, H * W, j.batch_stride, j.line, p.chunk),
           constexprs, p.options)
 
 

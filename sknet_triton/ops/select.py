@@ -108,7 +108,7 @@ def select_backward(
         grad_views = branch_views(grads)
         launch.launch_branches(
             SELECT_BACKWARD, j, logits, grad_out, *j.grad_pointers(grad_views), dlogits, *logits.stride(),
-            grad_out.stride(0), grad_views[0].stride(0), prologue=(scale, bias), RELU=relu,
+            grad_out.stride(0), *j.grad_strides(grad_views), prologue=(scale, bias), RELU=relu,
         )
     return grads + [dlogits.to(logits.dtype)]
 

@@ -10,9 +10,9 @@ from torch import Tensor
 from sknet_triton import reference, tuned
 from sknet_triton.checks import is_integer
 from sknet_triton.device import TRITON_INSTALLED, uses_triton
-from sknet_triton.layout import empty_stacked, image_layout
+from sknet_triton.layout import MAX_IMAGE_ELEMENTS, empty_stacked, image_layout
 from sknet_triton.ops import launch
-from sknet_triton.ops.checks import MAX_IMAGE_ELEMENTS, check_float, check_param, describe
+from sknet_triton.ops.checks import check_float, check_param, describe
 from sknet_triton.planning import split_plan
 from sknet_triton.tiles import (
     SPLIT_DOT_BLOCK_C, SPLIT_DOT_BLOCK_K, SPLIT_FMA_BLOCK_C, SPLIT_FMA_BLOCK_K, split_block_p,
