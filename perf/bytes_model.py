@@ -14,6 +14,11 @@ from sknet_triton.families import FAMILIES
 
 # SKNet-50 (timm skresnext50_32x4d): SK output channels and blocks per stage.
 SKNET50_STAGES = ((128, 3), (256, 4), (512, 6), (1024, 3))
+# ResNeSt-50 (timm resnest50d, radix 2): SplitAttn output channels and blocks per stage. Its average-pool
+# downsampling follows the split attention, so a stage's first unit runs at the previous stage's resolution.
+RESNEST50_STAGES = ((64, 3), (128, 4), (256, 6), (512, 3))
+# The networks forward_bytes_table counts.
+NETWORKS = ("sknet50", "resnest50d")
 # The stem (a stride-2 convolution, then a stride-2 max pool) divides the resolution by 4.
 STEM_HALVINGS = 2
 
@@ -83,6 +88,17 @@ def eager_training_backward_passes(M: int) -> int:
     return multiply + accumulate + relu + batchnorm
 
 
+def eager_split_attn_forward_passes(M: int) -> int:
+    """A ResNeSt unit's forward as timm's SplitAttn runs it in eager PyTorch (NCHW, eval), after its
+    convolution: bn0 and the ReLU over the M radix branches, then the sums and the weighted product."""
+    batchnorm_and_relu = 4 * M  # bn0 reads and writes all M*C channels, the ReLU (in place) too
+    attention_sum = M + 1  # x.sum(dim=1) reads M, writes 1
+    mean = 1
+    multiply = 2 * M  # x * attention reads M, writes M
+    select_sum = M + 1
+    return batchnorm_and_relu + attention_sum + mean + multiply + select_sum
+
+
 def training_passes_table(M: int = 2) -> pd.DataFrame:
     """Passes over one branch per training-mode SK unit: BatchNorm inside the kernels, BatchNorm and ReLU as
     separate ops before the fused ops, and eager timm; and how many branch-sized tensors backward keeps."""
@@ -105,8 +121,9 @@ def op_min_bytes(op: str, M: int, elements: int, element_size: int) -> int:
 
 @dataclass(frozen=True)
 class SKStage:
-    """The SK units of one stage: their output shape per image and how many there are."""
+    """SK units of one shape in one stage (numbered from 1): their output shape per image and how many there are."""
 
+    stage: int
     channels: int
     height: int
     width: int
@@ -127,7 +144,24 @@ def sknet50_stages(image_size: int = 224) -> list[SKStage]:
     for index, (channels, units) in enumerate(SKNET50_STAGES):
         if index > 0:
             size = math.ceil(size / 2)
-        stages.append(SKStage(channels, size, size, units))
+        stages.append(SKStage(index + 1, channels, size, size, units))
+    return stages
+
+
+def resnest50_stages(image_size: int = 224) -> list[SKStage]:
+    """ResNeSt-50's SplitAttn units for square images of ``image_size``: each stage after the first has
+    one unit at the previous resolution, then the rest at half of it (rounded up)."""
+    size = image_size
+    for _ in range(STEM_HALVINGS):
+        size = math.ceil(size / 2)
+    stages = []
+    for index, (channels, units) in enumerate(RESNEST50_STAGES):
+        if index == 0:
+            stages.append(SKStage(1, channels, size, size, units))
+            continue
+        stages.append(SKStage(index + 1, channels, size, size, 1))
+        size = math.ceil(size / 2)
+        stages.append(SKStage(index + 1, channels, size, size, units - 1))
     return stages
 
 
@@ -137,21 +171,28 @@ def sknet50_elements_per_image(image_size: int = 224) -> int:
 
 
 def forward_bytes_table(
-    batch: int, element_size: int, image_size: int = 224, M: int = 2, copy_gbps: float | None = None
+    batch: int, element_size: int, image_size: int = 224, M: int = 2, copy_gbps: float | None = None,
+    network: str = "sknet50",
 ) -> pd.DataFrame:
-    """Eager and fused forward bytes of SKNet-50's SK units: per unit and per stage, and the total.
+    """Eager and fused forward bytes of a network's SK units (``network``: one of :data:`NETWORKS`, SKNet-50's
+    SK units or ResNeSt-50's SplitAttn units): per unit and per stage (ResNeSt's stages in two rows, the unit
+    at the previous resolution first), and the total.
 
     The convolutions that produce the branches are left out: both ways write them once. With
     ``copy_gbps`` (a measured device-to-device copy bandwidth), adds the time each total takes at it.
     """
+    if network not in NETWORKS:
+        raise ValueError(f"forward_bytes_table: network must be one of {NETWORKS}, got {network!r}")
+    stages = sknet50_stages(image_size) if network == "sknet50" else resnest50_stages(image_size)
+    eager_passes = eager_forward_passes(M) if network == "sknet50" else eager_split_attn_forward_passes(M)
     rows = []
-    for index, stage in enumerate(sknet50_stages(image_size), start=1):
+    for stage in stages:
         unit_bytes = stage.elements * batch * element_size
         rows.append({
-            "stage": str(index),
+            "stage": str(stage.stage),
             "SK output C×H×W": f"{stage.channels}×{stage.height}×{stage.width}",
             "units": stage.units,
-            "eager MB/unit": eager_forward_passes(M) * unit_bytes / 1e6,
+            "eager MB/unit": eager_passes * unit_bytes / 1e6,
             "fused MB/unit": fused_forward_passes(M) * unit_bytes / 1e6,
         })
     table = pd.DataFrame(rows)

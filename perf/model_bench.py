@@ -1,4 +1,5 @@
-"""Whole-network benchmark: SKNet-50 as timm and sknet_triton run it, eager and under torch.compile.
+"""Whole-network benchmark: SKNet-50 and ResNeSt-50 as timm and sknet_triton run them, eager and under
+torch.compile.
 
 Every variant starts from the same weights and input; its first call (which compiles, for compiled
 variants) is checked against timm's eager output before any iteration is timed.
@@ -62,12 +63,23 @@ VARIANTS = (
     Variant("sknet", "sknet_triton", "sknet50", compiled=False, family="sk"),
     Variant("sknet-compiled", "sknet_triton", "sknet50", compiled=True, family="sk"),
     Variant("timm-plain-compiled", "timm", "resnext50_32x4d", compiled=True, family="plain"),
+    Variant("timm-resnest", "timm", "resnest50d", compiled=False, family="resnest"),
+    Variant("timm-resnest-compiled", "timm", "resnest50d", compiled=True, family="resnest"),
+    Variant("resnest", "sknet_triton", "resnest50d", compiled=False, family="resnest"),
+    Variant("resnest-compiled", "sknet_triton", "resnest50d", compiled=True, family="resnest"),
 )
 VARIANT_KEYS = tuple(v.key for v in VARIANTS)
 # The timm model each family is checked against, run eagerly.
-FAMILY_REFERENCE = {"sk": "skresnext50_32x4d", "plain": "resnext50_32x4d"}
-# The rows every other row's speed is compared with.
-PEERS = ("timm-sk", "timm-sk-compiled", "timm-plain-compiled")
+FAMILY_REFERENCE = {"sk": "skresnext50_32x4d", "plain": "resnext50_32x4d", "resnest": "resnest50d"}
+# The rows other rows' speed is compared with, and the families of the rows compared with each: SKNet-50's
+# with timm's SK and plain ResNeXt rows, ResNeSt-50's with timm's ResNeSt rows.
+PEERS = {
+    "timm-sk": ("sk", "plain"),
+    "timm-sk-compiled": ("sk", "plain"),
+    "timm-plain-compiled": ("sk", "plain"),
+    "timm-resnest": ("resnest",),
+    "timm-resnest-compiled": ("resnest",),
+}
 
 
 @dataclass(frozen=True)
@@ -295,7 +307,7 @@ def model_rows(
     for mode in modes:
         references: dict[str, Optional[tuple]] = {}
         for variant in variants:
-            row = {"variant": variant.key, "row": variant.label(config.device), "mode": mode,
+            row = {"variant": variant.key, "family": variant.family, "row": variant.label(config.device), "mode": mode,
                    "batch": config.batch[mode], "compiled": variant.compiled,
                    "path": sknet_path(config.device) if variant.package == "sknet_triton" else ""}
             reason = missing_package(variant.package) or skip(variant, mode)

@@ -1,8 +1,9 @@
-"""How much faster and leaner sknet_triton makes SKNet-50, measured in one process on one device.
+"""How much faster and leaner sknet_triton makes SKNet-50 and ResNeSt-50, measured in one process on one device.
 
 Rows: timm skresnext50_32x4d eager and under torch.compile, sknet_triton sknet50 eager and under
 torch.compile, and timm resnext50_32x4d (the same network without SK units) under torch.compile as the
-ceiling; in inference (eval, no_grad) and a training step (forward, backward, SGD step). Every row is
+ceiling; timm resnest50d and sknet_triton's accelerated resnest50d, each eager and compiled; in inference
+(eval, no_grad) and a training step (forward, backward, SGD step). Every row is
 checked against timm's eager output on the same weights and input before it is timed. On a GPU it adds
 the op table (perf/ops.py) against the measured copy bandwidth; everywhere, the bytes model.
 
@@ -112,13 +113,15 @@ def _choices(parser, option: str, value: str, allowed) -> list[str]:
 
 
 def speedups(models: pd.DataFrame) -> pd.DataFrame:
-    """Add "× <peer>" columns: each row's images/s over the peer row's, in the same mode."""
+    """Add "× <peer>" columns: each row's images/s over the peer row's, in the same mode, for the rows of the
+    families the peer is compared with (model_bench.PEERS); blank for the others."""
     if "images/s" not in models:
         return models
-    for peer in model_bench.PEERS:
+    for peer, families in model_bench.PEERS.items():
         peer_rate = models[(models["variant"] == peer) & (models["status"] == "ok")].set_index("mode")["images/s"]
         if not peer_rate.empty:
-            models[f"× {peer}"] = models["images/s"] / models["mode"].map(peer_rate)
+            compared = models["family"].isin(families)
+            models[f"× {peer}"] = (models["images/s"] / models["mode"].map(peer_rate)).where(compared)
     return models
 
 
@@ -162,8 +165,10 @@ def notes_for(args, cpu_quick: bool, ops_skipped: str | None, peak_load: float) 
     if ops_skipped:
         notes.append(f"Op table skipped: {ops_skipped}.")
     notes.append("Bytes model: SK unit forward traffic beside the convolutions, in passes over one branch "
-                 f"(eager timm: {bytes_model.eager_forward_passes(2)} for M=2, with BatchNorm and ReLU; fused: "
-                 f"{bytes_model.fused_forward_passes(2)}), at the inference batch, image size and dtype of this run.")
+                 f"(eager timm: {bytes_model.eager_forward_passes(2)} for SKNet-50's M=2 SelectiveKernel, "
+                 f"{bytes_model.eager_split_attn_forward_passes(2)} for ResNeSt-50's radix-2 SplitAttn, with BatchNorm "
+                 f"and ReLU; fused: {bytes_model.fused_forward_passes(2)}), at the inference batch, image size and "
+                 "dtype of this run.")
     return notes
 
 
@@ -220,8 +225,12 @@ def main(argv=None) -> int:
             # Written as each row is done, so a run cut short still leaves what it measured.
             report.write_tables(out_dir, env, {"models": pd.DataFrame(rows)})
         models = speedups(pd.DataFrame(rows).assign(dtype=args.dtype, layout=args.layout, image=args.image_size))
-        bytes_table = bytes_model.forward_bytes_table(
-            args.batch_inference, ops.DTYPES[args.dtype].itemsize, args.image_size, copy_gbps=copy_gbps)
+        bytes_table = pd.concat([
+            bytes_model.forward_bytes_table(args.batch_inference, ops.DTYPES[args.dtype].itemsize, args.image_size,
+                                            copy_gbps=copy_gbps, network=network).assign(network=network)
+            for network in bytes_model.NETWORKS
+        ], ignore_index=True)
+        bytes_table = bytes_table[["network", *[c for c in bytes_table.columns if c != "network"]]]
         notes = notes_for(args, cpu_quick, ops_skipped, peak_load)
         write_all(out_dir, env, config, notes, copy_gbps, models, None, bytes_table, ops_skipped, args)
         op_table = None
@@ -268,7 +277,8 @@ def sections(models, op_table, bytes_table, copy_gbps, ops_skipped, args) -> lis
                        op_table[[c for c in op_table.columns if c not in hidden]]))
     else:
         result.append(("Ops", f"Skipped: {ops_skipped}."))
-    result.append((f"Bytes model: SKNet-50 SK units, forward, batch {args.batch_inference}, {args.dtype}, "
+    result.append((f"Bytes model: SKNet-50's SK units and ResNeSt-50's, forward, batch {args.batch_inference}, "
+                   f"{args.dtype}, "
                    f"{args.image_size}×{args.image_size}", bytes_table))
     return result
 

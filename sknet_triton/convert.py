@@ -3,7 +3,8 @@
 - :func:`convert_state_dict`: a checkpoint of timm's SK ResNets or of the original SKNet reference code
   as a state dict the models of :mod:`sknet_triton.models` load with ``strict=True``.
 - :func:`accelerate`: an existing model (timm's, or any other) with every timm ``SelectiveKernel``
-  replaced in place by an SKConv that holds the same parameter and buffer tensors.
+  replaced in place by an SKConv that holds the same parameter and buffer tensors, and every timm
+  ``SplitAttn`` (ResNeSt) made a ``FusedSplitAttn`` in place.
 """
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from collections import OrderedDict
 from typing import Mapping, Optional
 
 import torch
-from timm.layers import BatchNormAct2d, ConvNormAct, SelectiveKernel
+from timm.layers import BatchNormAct2d, ConvNormAct, SelectiveKernel, SplitAttn
 from timm.layers.selective_kernel import SelectiveKernelAttn
 from torch import Tensor, nn
 
 from sknet_triton.layers import SKConv
+from sknet_triton.split_attn import FusedSplitAttn, why_not_fused
 from sknet_triton.ops import MAX_BRANCHES
 
 __all__ = ["convert_state_dict", "accelerate", "SOURCES"]
@@ -138,11 +140,12 @@ def _seed_key_map(depths: list[int]) -> OrderedDict[str, str]:
 
 
 # --------------------------------------------------------------------------------------------------------
-# accelerate: timm SelectiveKernel -> SKConv.
+# accelerate: timm SelectiveKernel -> SKConv, timm SplitAttn -> FusedSplitAttn.
 
 
 def accelerate(model: nn.Module) -> nn.Module:
-    """Replace every timm ``SelectiveKernel`` in ``model`` by an equivalent SKConv, in place.
+    """Put the SK units of ``model`` on the fused ops, in place: every timm ``SelectiveKernel`` becomes an
+    equivalent SKConv, and every timm ``SplitAttn`` (ResNeSt's) a :class:`~sknet_triton.split_attn.FusedSplitAttn`.
 
     Each SKConv holds the timm module's own parameter and buffer tensors (the convolutions, activations
     and attention layers are moved in as they are; each path's ``BatchNormAct2d`` becomes a plain
@@ -152,18 +155,33 @@ def accelerate(model: nn.Module) -> nn.Module:
     carried over. SelectiveKernels the SKConv cannot represent exactly (anti-aliasing or drop layers,
     normalizations other than BatchNorm, subclasses) are left as they are, with a warning.
 
+    A SplitAttn only changes class (its modules, tensors and hooks are untouched) and runs its fuse and select
+    on the kernels, timm's computation while a DropBlock drops; one that
+    :func:`~sknet_triton.split_attn.why_not_fused` gives a reason for (radix 1, another norm or activation)
+    stays timm's, with one warning per reason, as does a subclass of SplitAttn.
+
     Works on any ``nn.Module``. Calling it again changes nothing. Returns ``model``, or the SKConv when
-    ``model`` itself is a SelectiveKernel. A model with no SK unit at all (neither a SelectiveKernel nor an
-    SKConv) is returned as it is, with a UserWarning; an argument that is not an ``nn.Module`` raises TypeError.
+    ``model`` itself is a SelectiveKernel. A model with no SK unit at all (a SelectiveKernel, an SKConv or a
+    SplitAttn) is returned as it is, with a UserWarning; an argument that is not an ``nn.Module`` raises
+    TypeError.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"accelerate: model must be a torch.nn.Module, got {type(model).__name__}")
-    if not any(isinstance(module, (SKConv, SelectiveKernel)) for module in model.modules()):
+    if not any(isinstance(module, (SKConv, SelectiveKernel, SplitAttn)) for module in model.modules()):
         warnings.warn(
-            f"accelerate: the {type(model).__name__} holds no SK unit (timm SelectiveKernel or SKConv): nothing "
-            "to accelerate", stacklevel=2,
+            f"accelerate: the {type(model).__name__} holds no SK unit (timm SelectiveKernel or SplitAttn, or "
+            "SKConv): nothing to accelerate", stacklevel=2,
         )
         return model
+    unfused: dict[str, list[str]] = {}  # why_not_fused's reason -> the units it holds for: one warning each
+    for name, module in model.named_modules():
+        if isinstance(module, SplitAttn) and not isinstance(module, FusedSplitAttn):
+            reason = _fuse_split_attn(module, name or "model")
+            if reason is not None:
+                unfused.setdefault(reason, []).append(name or "model")
+    for reason, names in unfused.items():
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        warnings.warn(f"accelerate: {shown} stay timm's SplitAttn: {reason}", stacklevel=2)
     if isinstance(model, SelectiveKernel):
         return _as_skconv(model, "model")
     replaced: dict[int, nn.Module] = {}  # a module shared by several parents is converted once
@@ -175,6 +193,20 @@ def accelerate(model: nn.Module) -> nn.Module:
                     replaced[id(child)] = _as_skconv(child, qualified)
                 setattr(parent, name, replaced[id(child)])
     return model
+
+
+def _fuse_split_attn(module: SplitAttn, name: str) -> Optional[str]:
+    """Make a timm SplitAttn a FusedSplitAttn in place, unless it is a subclass (a warning says so) or
+    :func:`why_not_fused` names a reason (returned, for one warning per reason): then it stays timm's."""
+    if type(module) is not SplitAttn:
+        warnings.warn(f"accelerate: {name} stays a {type(module).__name__}: a subclass of timm's SplitAttn",
+                      stacklevel=3)
+        return None
+    reason = why_not_fused(module)
+    if reason is None:
+        module.__class__ = FusedSplitAttn
+        module.backend = "auto"
+    return reason
 
 
 def _unsupported(sk: nn.Module) -> Optional[str]:

@@ -20,8 +20,9 @@ from sknet_triton.ops.fuse import graph_sk_fuse
 from sknet_triton.ops.launch import MAX_BRANCHES, refuse_jit_trace
 from sknet_triton.ops.select import graph_sk_select
 from sknet_triton.ops.split import prefers_split_kernel, sk_split, split_geometry_problem
+from sknet_triton.running_statistics import update_running_statistics
 
-__all__ = ["SKConv", "ConvBnAct", "UnitPath", "set_backend", "set_split_conv", "BACKENDS", "SPLIT_CONVS"]
+__all__ = ["SKConv", "ConvBnAct", "UnitPath", "set_split_conv", "BACKENDS", "SPLIT_CONVS"]
 
 # "auto": the Triton kernels where sknet_triton.device.uses_triton() says so, plain PyTorch elsewhere.
 # "torch": plain PyTorch operations only (TorchScript tracing, ONNX export, any device).
@@ -226,7 +227,7 @@ class SKConv(nn.Module):
         B, _, H, W = branches[0].shape
         for m, bn in enumerate(norms):
             if bn.training and bn.track_running_stats and bn.running_mean is not None:
-                _update_running_statistics(bn, state.mean[m], state.var[m], B * H * W)
+                update_running_statistics(bn, state.mean[m], state.var[m], B * H * W)
         return out
 
     def _forward_split_kernel(self, x: Tensor) -> Tensor:
@@ -375,23 +376,6 @@ def _affine_kind(bn: nn.BatchNorm2d) -> tuple:
     return bn.eps, bn.weight is None, bn.bias is None
 
 
-@torch.no_grad()
-def _update_running_statistics(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
-    """nn.BatchNorm2d's training-time update from a batch's mean and biased variance over ``count`` values:
-    an exponential average with its momentum, or the cumulative average over num_batches_tracked when
-    momentum is None; the running variance is unbiased. An empty batch (``count`` 0) counts as a batch and
-    leaves the averages as they are."""
-    momentum = 0.0 if bn.momentum is None else bn.momentum
-    if bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            momentum = 1.0 / bn.num_batches_tracked
-    if count == 0:
-        return
-    bn.running_mean.mul_(1 - momentum).add_(momentum * mean)
-    bn.running_var.mul_(1 - momentum).add_(momentum * var * (count / (count - 1)))
-
-
 def set_split_conv(model: nn.Module, split_conv: str) -> nn.Module:
     """Choose how every SKConv in ``model`` computes its paths in eval mode; returns ``model``.
 
@@ -399,26 +383,11 @@ def set_split_conv(model: nn.Module, split_conv: str) -> nn.Module:
     BatchNorm and ReLU and the pooled sum in one launch) where the GPU's tuned table records it faster than
     cuDNN for the shape, else the paths' own convolutions; ``"triton"`` always runs the split kernel where it
     applies (eval mode, the kernels' device, the paper's 3x3 paths with dilations 1..M), and ``"cudnn"`` never
-    does. For tests and benchmarks; the ``"torch"`` backend (:func:`set_backend`) overrides it.
+    does. For tests and benchmarks; the ``"torch"`` backend (:func:`sknet_triton.set_backend`) overrides it.
     """
-    return _set_on_every_unit(model, "set_split_conv", "split_conv", split_conv, SPLIT_CONVS)
-
-
-def set_backend(model: nn.Module, backend: str) -> nn.Module:
-    """Choose how every SKConv in ``model`` runs; returns ``model``.
-
-    ``"auto"`` (the default) runs the Triton kernels for CUDA tensors (and for CPU tensors under
-    ``TRITON_INTERPRET=1``) and the plain-PyTorch reference elsewhere. ``"torch"`` runs plain PyTorch
-    operations only, with the same outputs: for ``torch.jit.trace``, ONNX export, or any device.
-    """
-    return _set_on_every_unit(model, "set_backend", "backend", backend, BACKENDS)
-
-
-def _set_on_every_unit(model: nn.Module, caller: str, attribute: str, value: str, allowed: tuple) -> nn.Module:
-    """Set ``attribute`` of every SKConv in ``model`` to ``value``, one of ``allowed``; returns ``model``."""
-    if value not in allowed:
-        raise ValueError(f"{caller}: {attribute} must be one of {allowed}, got {value!r}")
+    if split_conv not in SPLIT_CONVS:
+        raise ValueError(f"set_split_conv: split_conv must be one of {SPLIT_CONVS}, got {split_conv!r}")
     for module in model.modules():
         if isinstance(module, SKConv):
-            setattr(module, attribute, value)
+            module.split_conv = split_conv
     return model

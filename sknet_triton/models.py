@@ -1,7 +1,9 @@
-"""The registered models: timm's SK ResNets and the SK networks timm lacks, built by timm, run on SKConv.
+"""The registered models: timm's SK ResNets and ResNeSts and the SK networks timm lacks, built by timm, run on
+the fused ops.
 
-Every model is timm's ``ResNet`` with timm's SK blocks (``timm.models.sknet``), built by timm's
-``build_model_with_cfg`` and given SKConv units by :func:`~sknet_triton.accelerate`. So each has all of timm's
+Every model is timm's ``ResNet`` with timm's SK blocks (``timm.models.sknet``) or ResNeSt blocks
+(``timm.models.resnest``), built by timm's ``build_model_with_cfg`` and given SKConv (FusedSplitAttn) units
+by :func:`~sknet_triton.accelerate`. So each has all of timm's
 model interface (``features_only``, ``out_indices``, ``output_stride``, ``drop_path_rate``, ``global_pool``,
 ``feature_info``, ``forward_intermediates``, ``set_grad_checkpointing``, ``group_matcher``, ``pretrained_cfg``,
 the head methods) with timm's meaning, and timm's state-dict keys. The networks timm lacks (``sknet50``,
@@ -31,15 +33,21 @@ from sknet_triton.checks import check_bool, check_int
 from sknet_triton.convert import accelerate
 
 __all__ = [
-    "create_model", "list_models", "SmallImageResNet", "TIMM_MODELS", "SKNET_MODELS", "MODEL_KWARGS", "GLOBAL_POOLS",
+    "create_model", "list_models", "SmallImageResNet", "TIMM_MODELS", "TIMM_SK_MODELS", "RESNEST_MODELS",
+    "SKNET_MODELS", "MODEL_KWARGS", "GLOBAL_POOLS",
     "IMAGENET_MEAN", "IMAGENET_STD", "sknet50", "sknet101", "sknet_tiny",
 ]
 
 IMAGENET_MEAN = IMAGENET_DEFAULT_MEAN
 IMAGENET_STD = IMAGENET_DEFAULT_STD
 
-# timm's own SK ResNets: create_model builds them with timm, then accelerates them.
-TIMM_MODELS = ("skresnet18", "skresnet34", "skresnet50", "skresnet50d", "skresnext50_32x4d")
+# timm's own SK ResNets and ResNeSts: create_model builds them with timm, then accelerates them.
+TIMM_SK_MODELS = ("skresnet18", "skresnet34", "skresnet50", "skresnet50d", "skresnext50_32x4d")
+RESNEST_MODELS = (
+    "resnest14d", "resnest26d", "resnest50d", "resnest50d_1s4x24d", "resnest50d_4s2x40d", "resnest101e",
+    "resnest200e", "resnest269e",
+)
+TIMM_MODELS = TIMM_SK_MODELS + RESNEST_MODELS
 # The networks timm lacks, registered in timm's registry below.
 SKNET_MODELS = ("sknet50", "sknet101", "sknet_tiny")
 
@@ -137,7 +145,8 @@ def sknet_tiny(pretrained: bool = False, **kwargs: Any) -> SmallImageResNet:
 
 
 def list_models() -> list[str]:
-    """Names of the registered models, sorted: timm's SK ResNets and :data:`SKNET_MODELS`."""
+    """Names of the models :func:`create_model` builds, sorted: timm's SK ResNets and ResNeSts
+    (:data:`TIMM_MODELS`) and :data:`SKNET_MODELS`."""
     return sorted(TIMM_MODELS + SKNET_MODELS)
 
 

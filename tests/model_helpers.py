@@ -2,6 +2,11 @@
 import torch
 from torch import Tensor, nn
 
+from sknet_triton import FusedSplitAttn, SKConv
+
+# The modules that run an SK unit's fuse and select: SK networks' and ResNeSts'.
+SK_UNITS = (SKConv, FusedSplitAttn)
+
 
 # The batch of a training step whose gradients are judged. An SK unit's attention normalises [B, d, 1, 1] with
 # training-mode BatchNorm, which over two images gives +-1 whatever its input: the gradient reaching fc_reduce
@@ -14,13 +19,19 @@ NUM_CLASSES = 10
 SMALL_MODEL = "sknet_tiny"
 
 
+# timm's names (and so sknet_triton's) of the BatchNorm that ends each bottleneck's residual branch.
+RESIDUAL_END_BATCHNORMS = ("bn3", "conv3.bn")
+
+
 def randomize_batchnorm(model: nn.Module) -> nn.Module:
     """Give every BatchNorm random affine parameters and running statistics, so that eval-mode outputs
-    depend on all of them; returns ``model``."""
+    depend on all of them; returns ``model``. The BatchNorm ending each residual branch gets a small scale,
+    as trained networks keep it: else a deep random network (200 layers) grows its activations block by block
+    until float32 rounding alone differs between two batch sizes by more than any tolerance."""
     with torch.no_grad():
-        for module in model.modules():
+        for name, module in model.named_modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.weight.uniform_(0.5, 1.5)
+                module.weight.uniform_(*((0.1, 0.3) if name.endswith(RESIDUAL_END_BATCHNORMS) else (0.5, 1.5)))
                 module.bias.uniform_(-0.5, 0.5)
                 module.running_mean.uniform_(-0.5, 0.5)
                 module.running_var.uniform_(0.5, 2.0)
@@ -71,3 +82,15 @@ def assert_grads_as_accurate_as(grads: dict, baseline: dict, exact: dict, factor
         assert error <= factor * accuracy + 1e-6, (
             f"{key}: relative error {error:.3g} against float64, float32 PyTorch's worst {accuracy:.3g}"
         )
+
+
+def count_sk_units(model: nn.Module) -> int:
+    """The SK units (SKConv, FusedSplitAttn) of ``model``."""
+    return sum(isinstance(module, SK_UNITS) for module in model.modules())
+
+
+def batchnorm_folds(model: nn.Module) -> int:
+    """How many BatchNorms an eval-mode fx graph of ``model`` folds into the ops: each SKConv path's, and
+    each FusedSplitAttn's bn0."""
+    return sum(module.num_paths if isinstance(module, SKConv) else 1
+               for module in model.modules() if isinstance(module, SK_UNITS))

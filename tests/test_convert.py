@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sknet_triton import SKConv, accelerate, convert_state_dict, create_model, list_models, set_backend
+from sknet_triton import SKConv, accelerate, convert_state_dict, create_model, set_backend
+from sknet_triton.models import SKNET_MODELS, TIMM_SK_MODELS
 from tests import seed_sknet
 from tests.helpers import DEVICE
 from tests.model_helpers import NUM_CLASSES, assert_close_relative, randomize_batchnorm
@@ -89,7 +90,7 @@ def test_timm_checkpoint_passes_unchanged(name):
     assert all(converted[key] is value for key, value in state_dict.items())
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", TIMM_SK_MODELS + SKNET_MODELS)
 def test_our_checkpoints_pass_as_timm(name):
     with torch.device("meta"):
         state_dict = create_model(name).state_dict()

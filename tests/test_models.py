@@ -17,6 +17,7 @@ from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 from sknet_triton import create_model, list_models, set_backend
+from sknet_triton.models import RESNEST_MODELS
 from tests.helpers import DEVICE, requires_kernels
 from tests.model_helpers import (
     NUM_CLASSES,
@@ -36,6 +37,8 @@ TIMM_EQUIVALENTS = [
     ("skresnet50d", "skresnet50d"),
     ("skresnext50_32x4d", "skresnext50_32x4d"),
     ("sknet50", "skresnext50_32x4d"),
+    ("resnest14d", "resnest14d"),  # radix 2, cardinality 1
+    ("resnest50d_4s2x40d", "resnest50d_4s2x40d"),  # radix 4, cardinality 2
 ]
 
 
@@ -77,6 +80,8 @@ def test_list_models():
     assert list_models() == sorted([
         "sknet50", "sknet101", "sknet_tiny",
         "skresnet18", "skresnet34", "skresnet50", "skresnet50d", "skresnext50_32x4d",
+        "resnest14d", "resnest26d", "resnest50d", "resnest50d_1s4x24d", "resnest50d_4s2x40d", "resnest101e",
+        "resnest200e", "resnest269e",
     ])
 
 
@@ -213,9 +218,9 @@ def test_data_config_resolves_as_timm_s():
 
 
 def test_pretrained_names_are_those_timm_has_weights_for():
-    assert [name for name in list_models() if timm.is_model_pretrained(name)] == [
-        "sknet50", "skresnet18", "skresnet34", "skresnext50_32x4d"
-    ]
+    assert [name for name in list_models() if timm.is_model_pretrained(name)] == sorted([
+        "sknet50", "skresnet18", "skresnet34", "skresnext50_32x4d", *RESNEST_MODELS
+    ])
     for name, timm_name in TIMM_EQUIVALENTS:
         assert timm.is_model_pretrained(name) == timm.is_model_pretrained(timm_name), name
 

@@ -70,6 +70,33 @@ def test_forward_bytes_table_totals():
     assert "eager ms at copy BW" not in bytes_model.forward_bytes_table(8, 4, 64).columns
 
 
+def test_resnest50_units_match_the_network():
+    # ResNeSt-D's average-pool downsampling follows the split attention: each stage's first unit runs at the
+    # previous stage's resolution.
+    shapes = []
+    with torch.device("meta"):
+        model = timm.create_model("resnest50d").eval()
+        for module in model.modules():
+            if type(module).__name__ == "SplitAttn":
+                module.register_forward_hook(lambda m, i, out: shapes.append((m.radix, *out.shape[1:])))
+        model(torch.empty(1, 3, 36, 36))  # odd sizes along the way: 9, 5, 3, 2
+    expected = [(2, s.channels, s.height, s.width) for s in bytes_model.resnest50_stages(36) for _ in range(s.units)]
+    assert shapes == expected
+
+
+def test_resnest50_forward_bytes():
+    # bn0 and ReLU 8, sum 3, mean 1, multiply 4, sum 3: the SK count without torch.stack's copy.
+    assert bytes_model.eager_split_attn_forward_passes(2) == 19
+    table = bytes_model.forward_bytes_table(batch=8, element_size=2, image_size=224, network="resnest50d")
+    total = table.iloc[-1]
+    elements = sum(s.elements * s.units for s in bytes_model.resnest50_stages(224))
+    assert total["units"] == 16 and list(table["stage"]) == ["1", "2", "2", "3", "3", "4", "4", "all"]
+    assert total["fused MB"] == pytest.approx(5 * elements * 8 * 2 / 1e6)
+    assert total["eager / fused"] == pytest.approx(19 / 5)
+    with pytest.raises(ValueError, match="network must be one of"):
+        bytes_model.forward_bytes_table(8, 2, network="resnet50")
+
+
 def test_relative_error():
     x = torch.randn(1000, dtype=torch.float64)
     assert relative_error([x], [x]) == 0

@@ -23,15 +23,18 @@ from tests.helpers import DEVICE, requires_kernels
 from tests.model_helpers import (
     NUM_CLASSES,
     SMALL_MODEL,
+    SK_UNITS,
     TRAINING_BATCH,
     assert_close_relative,
     assert_grads_as_accurate_as,
+    batchnorm_folds,
+    count_sk_units,
     randomize_batchnorm,
 )
 
 # The models that run the kernels under Triton's interpreter (test_accelerated_timm_model_scripts_and_traces
-# runs them with split_input).
-KERNEL_MODELS = (SMALL_MODEL,)
+# runs them with split_input), an SK network and a ResNeSt.
+KERNEL_MODELS = (SMALL_MODEL, "resnest14d")
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 CUSTOM_OPS = ("sknet_triton::sk_fuse", "sknet_triton::sk_select")
 
@@ -75,20 +78,16 @@ def eager_torch(model):
     return set_backend(copy.deepcopy(model), "torch")
 
 
-def count_skconvs(model) -> int:
-    return sum(isinstance(module, SKConv) for module in model.modules())
-
-
 def assert_one_node_per_op(graph_module, model) -> None:
     """On the "auto" backend, each SK unit's fuse and select are one call each in the fx graph."""
     targets = [node.target for node in graph_module.graph.nodes if node.op == "call_function"]
-    units = count_skconvs(model) if uses_auto(model) else 0
+    units = count_sk_units(model) if uses_auto(model) else 0
     assert targets.count(ops.fuse.graph_sk_fuse) == units
     assert targets.count(ops.select.graph_sk_select) == units
 
 
 def uses_auto(model) -> bool:
-    return all(module.backend == "auto" for module in model.modules() if isinstance(module, SKConv))
+    return all(module.backend == "auto" for module in model.modules() if isinstance(module, SK_UNITS))
 
 
 def ran_ops(fn, *args) -> tuple[object, set[str]]:
@@ -107,9 +106,12 @@ def test_script_matches_eager(case):
     with torch.no_grad():
         logits, ran = ran_ops(scripted, case.images)
     assert_close_relative(logits, case.expected["logits"])
-    unit = next(module for module in scripted.modules() if module.original_name == "SKConv")
-    assert all(op in str(unit.inlined_graph) for op in CUSTOM_OPS), "scripted SKConv should call the custom ops"
-    kernels = uses_auto(case.model) and ops.uses_triton(DEVICE)
+    # resnest50d_1s4x24d has no SK unit (radix 1 everywhere): nothing calls the custom ops.
+    units = [module for module in scripted.modules() if module.original_name in ("SKConv", "FusedSplitAttn")]
+    assert len(units) == count_sk_units(case.model)
+    for unit in units:
+        assert all(op in str(unit.inlined_graph) for op in CUSTOM_OPS), "a scripted SK unit should call the custom ops"
+    kernels = bool(units) and uses_auto(case.model) and ops.uses_triton(DEVICE)
     assert all((op in ran) == kernels for op in CUSTOM_OPS), f"the Triton kernels should run: {kernels}"
 
 
@@ -171,8 +173,7 @@ def test_auto_backend_fx_graphs(case):
         folded = torch.fx.symbolic_trace(model.eval())
     assert_one_node_per_op(folded, model)
     targets = [node.target for node in folded.graph.nodes if node.op == "call_function"]
-    paths = sum(module.num_paths for module in model.modules() if isinstance(module, SKConv))
-    assert targets.count(batchnorm_affine) == paths
+    assert targets.count(batchnorm_affine) == batchnorm_folds(model)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -25,14 +25,11 @@ from tests.model_helpers import (
     assert_as_accurate_as,
     assert_close_relative,
     assert_grads_as_accurate_as,
+    count_sk_units,
     randomize_batchnorm,
 )
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
-
-
-def count_skconvs(model) -> int:
-    return sum(isinstance(module, SKConv) for module in model.modules())
 
 
 def images(batch: int = 2, size: int = 32) -> torch.Tensor:
@@ -54,7 +51,7 @@ def test_timm_builds_our_models_by_name():
         assert timm.is_model(name)
         with torch.device("meta"):  # the modules, not the weights, matter here
             model = timm.create_model(name)
-        assert count_skconvs(model) > 0, name
+        assert count_sk_units(model) > 0, name
         assert not any(isinstance(module, SelectiveKernel) for module in model.modules()), name
         assert model.pretrained_cfg["architecture"] == name
     with torch.device("meta"):  # timm's own names stay timm's
@@ -98,7 +95,7 @@ def test_default_cfg_head_and_features_only(name):
         assert_close_relative(model(x), features)
 
     backbone = set_backend(create_model(name, features_only=True), "torch").eval()
-    assert count_skconvs(backbone) == count_skconvs(model)
+    assert count_sk_units(backbone) == count_sk_units(model)
     backbone.load_state_dict(model.state_dict())  # the classifier is gone from both
     with torch.no_grad():
         feature_maps = backbone(x)

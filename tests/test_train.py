@@ -87,6 +87,19 @@ def test_learns_the_synthetic_scales(tmp_path):
     assert "epoch 3/3" in result.stdout and "val top-1" in result.stdout
 
 
+def test_trains_a_resnest(tmp_path):
+    # ResNeSt through the same trainer: timm's resnest14d with its data configuration, one short epoch.
+    output = tmp_path / "run"
+    result = run_trainer(
+        "--model", "resnest14d", "--data", "synthetic", "--img-size", "32", "--synthetic-size", "64",
+        "--epochs", "1", "--batch-size", "16", "--output", str(output),
+    )
+    assert result.returncode == 0, result.stderr
+    [row] = read_log(output)
+    assert float(row["train_loss"]) > 0 and 0 <= float(row["val_top1"]) <= 100
+    assert "epoch 1/1" in result.stdout
+
+
 def test_two_processes_hold_identical_weights(tmp_path):
     # 32 images, 2 processes, batch 8: two steps each, accumulated into one update (DDP's no_sync on the
     # first), with cutmix drawing per process and an EMA.
