@@ -243,7 +243,8 @@ class SKConv(nn.Module):
         """How this unit runs on ``x`` [B, C_in, H, W] (any dtype; a torch.fx Proxy while fx traces) in the
         current mode: the one decision of :meth:`forward` outside TorchScript.
 
-        - the "torch" backend: plain PyTorch, always.
+        - the "torch" backend, and ``torch.onnx.export`` (either exporter): plain PyTorch, always, so that an
+          exported graph holds standard operators only.
         - torch.fx tracing: the fused ops, one graph node each, with BatchNorm folded where it folds when
           traced; the whole-unit kernels run only eagerly and under torch.compile.
         - torch.jit.trace: refused (RuntimeError) on the kernels' device, whose custom ops a trace would hold;
@@ -253,7 +254,7 @@ class SKConv(nn.Module):
           else BatchNorm with batch statistics inside the kernels where the paths allow it, else eval-mode
           BatchNorm folded into the fused ops where it folds, else the paths whole and the ops.
         """
-        if self.backend == "torch":
+        if self.backend == "torch" or torch.onnx.is_in_onnx_export():
             return UnitPath.PLAIN_TORCH
         if not isinstance(x, torch.fx.Proxy):
             if not uses_triton(x.device):

@@ -86,8 +86,10 @@ class FusedSplitAttn(SplitAttn):
     def unit_path(self, x: Tensor) -> UnitPath:
         """How this unit runs on ``x`` [B, C_in, H, W] (a torch.fx Proxy while fx traces) in the current
         mode: PLAIN_TORCH (timm's computation), BATCH_STATISTICS, FOLDED_BATCHNORM or OPS, by the rules of
-        :meth:`sknet_triton.SKConv.unit_path` (its split kernel aside)."""
-        if self.backend == "torch" or why_not_fused(self) is not None or self._drops_blocks():
+        :meth:`sknet_triton.SKConv.unit_path` (its split kernel aside; ``torch.onnx.export`` included)."""
+        if self.backend == "torch" or torch.onnx.is_in_onnx_export():
+            return UnitPath.PLAIN_TORCH
+        if why_not_fused(self) is not None or self._drops_blocks():
             return UnitPath.PLAIN_TORCH
         if not isinstance(x, torch.fx.Proxy):
             if not uses_triton(x.device):
