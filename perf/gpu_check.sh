@@ -10,12 +10,13 @@
 # Run 1: install; the kernels' tests on CUDA (fuse, select, training-mode BatchNorm, split; pytest-xdist's
 #   workers, as pyproject.toml sets); tuning (perf/tune.py, bf16 channels_last: the split kernel against
 #   cuDNN, then the sweep; writes sknet_triton/tuned/sm_<cc>.json, which the later steps use); the op table
-#   (perf/ops.py --quick); perf/run.py --quick; if time is left, the CUDA-graph test for sknet_tiny and
-#   sknet50, and the kernel profile.
+#   (perf/ops.py --quick); perf/run.py --quick's SKNet-50 inference rows, then its ResNeSt-50 ones; if time
+#   is left, the CUDA-graph test for sknet_tiny and sknet50, and the kernel profile.
 # Run 2: install; the training-mode kernels' tests on CUDA (a wrong gradient costs a whole diverged run, so
 #   they come first); perf/run.py's training rows (timm skresnext50_32x4d and sknet50, eager and compiled,
 #   bf16, channels_last, B = 128, with peak memory; compiling one takes 1-2 minutes) and the CUDA-graph
-#   latency table; the CUDA-graph test; the kernel profile of one training step.
+#   latency table; ResNeSt-50's compiled training rows (timm's and sknet_triton's); the CUDA-graph test;
+#   the kernel profile of one training step.
 #
 # Scripts that write as they go (tuning's candidates, the op table, run.py, the profile) leave what they
 # measured when their limit cuts them short. $OUT receives steps.txt (one line a step), summary.txt (each
@@ -57,11 +58,14 @@ step install 40 "$PYTHON" -m pip install --no-deps --no-build-isolation -e .
 case "$MODE" in
 kernels)
     step tests 100 "$PYTHON" -m pytest -q -rf --durations=10 tests/test_ops.py tests/test_ops_compile.py \
-        tests/test_ops_validation.py tests/test_launch.py tests/test_bn_train.py tests/test_split.py tests/test_compiled_path.py
+        tests/test_ops_validation.py tests/test_launch.py tests/test_bn_train.py tests/test_split.py tests/test_compiled_path.py tests/test_resnest.py
     step tune 120 "$PYTHON" perf/tune.py --budget-s 75 --dtypes bf16 --layouts channels_last --out "$WORK/tune"
     cp sknet_triton/tuned/*.json "$OUT/" 2>/dev/null
     step ops 80 "$PYTHON" perf/ops.py --quick --budget-s 45 --out "$WORK/ops"
-    step perf 190 "$PYTHON" perf/run.py --quick --no-ops --out "$WORK/results"
+    step perf 190 "$PYTHON" perf/run.py --quick --no-ops --modes inference \
+        --variants timm-sk,timm-sk-compiled,sknet,sknet-compiled,timm-plain-compiled --out "$WORK/results"
+    step resnest 150 "$PYTHON" perf/run.py --quick --no-ops --modes inference \
+        --variants timm-resnest,timm-resnest-compiled,resnest,resnest-compiled --out "$WORK/resnest"
     step cuda_graphs 80 "$PYTHON" -m pytest -q -rf tests/test_cuda_graphs.py -k "sknet_tiny or sknet50"
     step profile 120 "$PYTHON" perf/kernel_profile.py --out "$WORK/profile"
     ;;
@@ -69,6 +73,8 @@ train)
     step tests 60 "$PYTHON" -m pytest -q -rf --durations=10 tests/test_bn_train.py
     step train 330 "$PYTHON" perf/run.py --quick --no-ops --modes train \
         --variants timm-sk,timm-sk-compiled,sknet,sknet-compiled --out "$WORK/results"
+    step resnest_train 150 "$PYTHON" perf/run.py --quick --no-ops --modes train \
+        --variants timm-resnest-compiled,resnest-compiled --out "$WORK/resnest"
     step cuda_graphs 60 "$PYTHON" -m pytest -q -rf tests/test_cuda_graphs.py -k "sknet_tiny or sknet50"
     step profile 90 "$PYTHON" perf/kernel_profile.py --modes train --out "$WORK/profile"
     ;;
