@@ -184,3 +184,18 @@ def test_compiles_to_one_graph_through_the_kernels(training):
         assert_close_relative(grad, expected_grads[name.removeprefix("_orig_mod.")], rtol=1e-3, name=name)
     for name, buffer in eager.named_buffers():
         torch.testing.assert_close(dict(fused.named_buffers())[name], buffer, msg=name)
+
+
+@requires_kernels
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_autocast_through_the_kernels(training):
+    # bfloat16 autocast: the convolution writes bfloat16 branches, which the kernels read and accumulate in
+    # float32; judged against float64 at bfloat16's precision (8 bits: 2**-8 = 0.4 %).
+    timm_module = split_attn(2, 1).train(training)
+    exact = copy.deepcopy(timm_module).double()
+    fused = accelerate(copy.deepcopy(timm_module))
+    x = torch.randn(TRAINING_BATCH, 16, 6, 5, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    with torch.autocast(DEVICE.type, torch.bfloat16):
+        out = fused(x)
+    assert out.dtype == torch.bfloat16
+    assert_close_relative(out.float(), exact(x.double()).float(), rtol=3e-2, name="output")
