@@ -353,29 +353,39 @@ def test_compiles_to_one_graph(model, training):
 # accuracy against float64.
 
 
-def small_model_on_device():
-    """The small model on DEVICE with the "auto" backend, a copy on the "torch" backend and one in float64."""
-    model = small_model("auto").to(DEVICE)
+# The models run through the kernels here: an SK network and a ResNeSt (radix 2).
+KERNEL_MODELS = (SMALL_MODEL, "resnest14d")
+
+
+def model_on_device(name: str):
+    """Model ``name`` with random BatchNorm state on DEVICE with the "auto" backend, a copy on the "torch"
+    backend and one in float64."""
+    model = set_backend(randomize_batchnorm(create_model(name, num_classes=NUM_CLASSES)), "auto").to(DEVICE)
     reference = set_backend(copy.deepcopy(model), "torch")
     return model, reference, copy.deepcopy(reference).double()
 
 
 @requires_kernels
-def test_kernels_end_to_end():
-    model, reference, exact = small_model_on_device()
+@pytest.mark.parametrize("name", KERNEL_MODELS)
+def test_kernels_end_to_end(name):
+    model, reference, exact = model_on_device(name)
     x, target = images(TRAINING_BATCH).to(DEVICE), torch.randint(0, NUM_CLASSES, (TRAINING_BATCH,), device=DEVICE)
     loss, grads = train_step_grads(model.train(), x, target)
     expected_loss, expected_grads = train_step_grads(reference.train(), x, target)
     _, exact_grads = train_step_grads(exact.train(), x.double(), target)
     assert_close_relative(loss, expected_loss)
     assert_grads_as_accurate_as(grads, expected_grads, exact_grads)
+    expected_buffers = dict(reference.named_buffers())
+    for key, buffer in model.named_buffers():  # the running statistics, updated as nn.BatchNorm2d updates them
+        torch.testing.assert_close(buffer, expected_buffers[key], msg=key)
 
 
 @requires_kernels
+@pytest.mark.parametrize("name", KERNEL_MODELS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_kernels_compile_to_one_graph_for_any_batch_size(training):
+def test_kernels_compile_to_one_graph_for_any_batch_size(training, name):
     torch._dynamo.reset()
-    model, reference, exact = (m.train(training) for m in small_model_on_device())
+    model, reference, exact = (m.train(training) for m in model_on_device(name))
     graphs_before = counters["stats"]["unique_graphs"]
     compiler_calls = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, backend=compiler_calls, fullgraph=True, dynamic=True)
@@ -401,7 +411,7 @@ def test_kernels_compile_to_one_graph_for_any_batch_size(training):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_autocast_through_the_kernels(dtype, training):
-    model, reference, exact = (m.train(training) for m in small_model_on_device())
+    model, reference, exact = (m.train(training) for m in model_on_device(SMALL_MODEL))
     x = images().to(DEVICE)
     with torch.set_grad_enabled(training):
         with torch.autocast(DEVICE.type, dtype=dtype):
@@ -429,7 +439,7 @@ def assert_eval_matches_unfolded(model, x):
 
 @requires_kernels
 def test_eval_folding_matches_unfolded_computation():
-    model, _, _ = small_model_on_device()
+    model, _, _ = model_on_device(SMALL_MODEL)
     x = images().to(DEVICE)
     folded = assert_eval_matches_unfolded(model, x)
     with torch.enable_grad():  # BatchNorm parameters that need a gradient are not folded
@@ -438,7 +448,7 @@ def test_eval_folding_matches_unfolded_computation():
 
 @requires_kernels
 def test_eval_folding_follows_batchnorm_state():
-    model, _, _ = small_model_on_device()
+    model, _, _ = model_on_device(SMALL_MODEL)
     x, target = images().to(DEVICE), torch.randint(0, NUM_CLASSES, (2,), device=DEVICE)
     before = assert_eval_matches_unfolded(model, x)
 
@@ -464,7 +474,7 @@ def test_eval_folding_follows_batchnorm_state():
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.trace.*` is deprecated")
 def test_torch_backend_matches_auto_and_traces():
-    model, _, _ = small_model_on_device()
+    model, _, _ = model_on_device(SMALL_MODEL)
     plain = set_backend(copy.deepcopy(model), "torch").cpu().eval()
     x, other = images(), images()
     with torch.no_grad():
