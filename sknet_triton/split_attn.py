@@ -112,9 +112,10 @@ class FusedSplitAttn(SplitAttn):
         return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.bn0.parameters()))
 
     def _branches(self, y: Tensor) -> Tensor:
-        """The radix branches of the convolution output [B, R*C, H, W] as the stacked view [B, R, C, H, W]."""
+        """The radix branches of the convolution output [B, R*C, H, W] as the stacked [B, R, C, H, W], a view
+        of it in either layout (as timm's reshape)."""
         B, RC, H, W = y.shape
-        return y.view(B, self.radix, RC // self.radix, H, W)
+        return y.reshape(B, self.radix, RC // self.radix, H, W)
 
     def _branch_list(self, y: Tensor) -> List[Tensor]:
         """The radix branches as R channel slices [B, C, H, W] (read in place too): the form torch.fx and
